@@ -1,0 +1,1 @@
+"""The client side: futures, worker handles, the scheduler and its driver."""

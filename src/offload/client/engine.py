@@ -1,0 +1,926 @@
+"""The driver: carries out the scheduler's decisions with real processes and sockets.
+
+:class:`Engine` owns a :class:`~offload.client.scheduler.Scheduler`, the
+:class:`WorkerProcess` of each slot and a record per call. Every stimulus (a submission
+from a user thread; a result, an exit or a timer from the I/O loop) is handled the same
+way: under the engine lock, feed the scheduler, then carry out its actions. Sends happen
+under the lock so a slot's calls reach its worker in the order the scheduler decided;
+resolving futures (which runs user callbacks) happens after the lock is released.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from offload import protocol as p
+from offload.client.future import Future
+from offload.client.options import WorkerOptions, env_for_worker, settings_for_worker
+from offload.client.scheduler import (
+    Action,
+    KillWorker,
+    Outcome,
+    Resolve,
+    Scheduler,
+    SendCalls,
+    StartWorker,
+    StopWorker,
+)
+from offload.errors import (
+    NoWorkerAvailable,
+    OffloadError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    StartError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerKilled,
+    _tail_excerpt,
+    describe_exit,
+    likely_cause,
+)
+from offload.process.child import ChildProcess, LaunchSpec, launch
+from offload.serde import culprit, dumps, loads, type_name
+from offload.transport.channel import Channel
+from offload.transport.loop import Loop, Timer, get_loop
+from offload.worker.runtime import INIT_KIND
+
+log = logging.getLogger("offload")
+log.addHandler(logging.NullHandler())  # a library stays quiet unless configured
+_call_ids = itertools.count(1)
+
+
+def describe_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``name(arg, key=value)``, shortened, for error messages."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = 40
+    r.maxother = 40
+    name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", None) or repr(fn)
+    parts = [r.repr(a) for a in args[:4]]
+    if len(args) > 4:
+        parts.append("...")
+    parts += [f"{k}={r.repr(v)}" for k, v in list(kwargs.items())[:4]]
+    return f"{name}({', '.join(parts)})"
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """The driver's view of one call: its future and what to send."""
+
+    call_id: int
+    future: Future[Any]
+    message: p.Call
+    fn: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout: float | None
+
+    def describe(self) -> str:
+        return describe_call(self.fn, self.args, self.kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """How a worker process ended, for error messages."""
+
+    name: str
+    pid: int | None
+    exitcode: int | None
+    signal: str | None
+    reason: str  # "exit" | "signal" | "unresponsive" | "memory" | "disconnected"
+    stderr_tail: str
+    detail: str = ""
+
+    def crashed(self, call: str, message: str | None = None) -> WorkerCrashed:
+        """A WorkerCrashed naming ``call`` in one sentence."""
+        if message is None:
+            if self.reason == "signal":
+                how = f"was killed by {self.signal}"
+            elif self.reason == "exit":
+                how = f"exited with status {self.exitcode}"
+            else:
+                how = self.detail or f"failed ({self.reason})"
+            message = f"worker {self.name} (pid {self.pid}) {how} while running {call}"
+            hint = self.detail if self.reason in ("signal", "exit") and self.detail else ""
+            hint = hint or likely_cause(self.signal, self.exitcode)
+            if self.reason in ("signal", "exit") and hint:
+                message += f"; {hint}"
+        tail = _tail_excerpt(self.stderr_tail)
+        message += f"; last stderr: {tail}" if tail else "; it wrote nothing to stderr"
+        return WorkerCrashed(
+            message,
+            pid=self.pid,
+            exitcode=self.exitcode,
+            signal=self.signal,
+            reason=self.reason,  # type: ignore[arg-type]
+            stderr_tail=self.stderr_tail,
+            worker=self.name,
+        )
+
+
+class WorkerProcess:
+    """One worker process of a slot: its child process, its channel, its timers.
+
+    Lives on the I/O loop: every method but :meth:`send_calls`, :meth:`kill` and
+    :meth:`stop` runs on the loop thread.
+    """
+
+    def __init__(self, engine: Engine, slot: int, gen: int, name: str) -> None:
+        self.engine = engine
+        self.slot = slot
+        self.gen = gen
+        self.name = name
+        self.loop = engine.loop
+        self.child: ChildProcess | None = None
+        self.channel: Channel | None = None
+        self.ready = False
+        self.expected_exit = False  # stopped or killed on purpose
+        self.kill_reason = ""
+        self.protocol_error: BaseException | None = None
+        self.channel_closed = False
+        self._timers: list[Timer] = []
+        self._last_seen = 0.0
+        self._ping_seq = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Launch the process (loop thread)."""
+        opts = self.engine.options
+        spec = LaunchSpec(
+            name=self.name,
+            start_method=opts.start_method,
+            python=opts.python,
+            env=env_for_worker(opts),
+            cwd=opts.cwd,
+            umask=opts.umask,
+            stdout=opts.stdout,
+            stderr=opts.stderr,
+            settings=settings_for_worker(opts),
+        )
+        try:
+            self.child, sock = launch(spec, self.loop, self._on_exit)
+        except (OSError, ValueError, subprocess_error()) as exc:
+            self.expected_exit = True
+            self.engine.start_failed(
+                self,
+                StartError(f"worker {self.name} could not be started: {exc}", worker=self.name),
+            )
+            return
+        conn = p.Connection(
+            "client",
+            name=self.engine.label,
+            pid=_getpid(),
+            max_message_size=opts.max_message_size,
+        )
+        self.channel = Channel(sock, conn, self.loop)
+        self.channel.on_message = self._on_message
+        self.channel.on_close = self._on_channel_close
+        self.channel.start()
+        self._timers.append(self.loop.call_later(opts.start_timeout, self._start_timed_out))
+        log.info("offload: started worker %s (pid %s)", self.name, self.child.pid)
+
+    def _start_timed_out(self) -> None:
+        if self.ready or self.expected_exit:
+            return
+        timeout = self.engine.options.start_timeout
+        self._fail_start(
+            f"worker {self.name} (pid {self.pid}) did not finish its handshake within "
+            f"{timeout:g} s (start_timeout)"
+            + (
+                "; with start_method='reexec' the program must call offload.init() first"
+                if self.engine.options.start_method == "reexec"
+                else ""
+            )
+        )
+
+    def _fail_start(self, message: str, cause: BaseException | None = None) -> None:
+        self.expected_exit = True
+        tail = self.child.stderr_tail() if self.child else ""
+        excerpt = _tail_excerpt(tail)
+        err: OffloadError
+        if isinstance(cause, ProtocolError):
+            err = cause
+        else:
+            err = StartError(
+                message + (f"; last stderr: {excerpt}" if excerpt else ""),
+                worker=self.name,
+                pid=self.pid,
+                exitcode=self.child.returncode if self.child else None,
+                stderr_tail=tail,
+            )
+        self.kill()
+        self.engine.start_failed(self, err)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _on_message(self, msg: p.Message) -> None:
+        self._last_seen = self.loop.clock()
+        match msg:
+            case p.Result():
+                if msg.call_id == 0:
+                    self._initialized(msg)
+                else:
+                    self.engine.on_result(self, msg)
+            case p.Progress():
+                self.engine.on_progress(msg)
+            case p.Hello():
+                self._handshake_done()
+            case p.Pong() | p.Goodbye():
+                pass
+            case _:
+                self._protocol_violation(
+                    ProtocolError(f"worker {self.name} sent an unexpected {type(msg).__name__}")
+                )
+
+    def _handshake_done(self) -> None:
+        opts = self.engine.options
+        if opts.initializer is None:
+            self._became_ready()
+            return
+        try:
+            data, buffers = dumps((opts.initializer, opts.initargs, {}))
+        except Exception as exc:  # noqa: BLE001 - any pickling failure is a start failure
+            self._fail_start(f"the initializer of {self.name} could not be pickled: {exc}")
+            return
+        assert self.channel is not None
+        self.channel.send(
+            p.Call(
+                call_id=0,
+                kind=INIT_KIND,
+                timeout=0.0,
+                target="initializer",
+                payload=data,
+                buffers=tuple(buffers),
+            )
+        )
+
+    def _initialized(self, msg: p.Result) -> None:
+        if msg.status == p.OK:
+            self._became_ready()
+            return
+        detail = msg.traceback.strip() or f"{msg.type_name}: {msg.message}"
+        self._fail_start(f"the initializer of worker {self.name} raised:\n{detail}")
+
+    def _became_ready(self) -> None:
+        self.ready = True
+        opts = self.engine.options
+        if opts.heartbeat is not None:
+            self._last_seen = self.loop.clock()
+            self._timers.append(self.loop.call_later(opts.heartbeat[0], self._heartbeat))
+        if opts.memory_limit is not None:
+            self._timers.append(self.loop.call_later(0.05, self._check_memory))
+        self.engine.worker_ready(self)
+
+    def _protocol_violation(self, exc: BaseException) -> None:
+        self.protocol_error = exc
+        self.kill_reason = ""
+        assert self.child is not None
+        self.child.kill()
+
+    def _on_channel_close(self, error: BaseException | None) -> None:
+        self.channel_closed = True
+        if error is not None:
+            if not self.ready and isinstance(error, ProtocolError):
+                self._fail_start(str(error), error)
+                return
+            self._protocol_violation(error)
+        # Otherwise the process is exiting; _on_exit reports it once it is gone.
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        if self.child is None or self.child.returncode is not None or self.expected_exit:
+            return
+        interval, timeout = self.engine.options.heartbeat or (0.0, 0.0)
+        if self.loop.clock() - self._last_seen > timeout:
+            self.engine.worker_failed(
+                self,
+                "unresponsive",
+                f"did not answer heartbeats for {timeout:g} s and was killed",
+            )
+            return
+        self._ping_seq += 1
+        assert self.channel is not None
+        self.channel.send(p.Ping(seq=self._ping_seq))
+        self._timers.append(self.loop.call_later(interval, self._heartbeat))
+
+    def _check_memory(self) -> None:
+        if self.child is None or self.child.returncode is not None or self.expected_exit:
+            return
+        self.engine.check_memory(self)
+        self._timers.append(self.loop.call_later(0.05, self._check_memory))
+
+    def rss(self) -> int:
+        """Resident memory of the worker process in bytes (0 if unknown)."""
+        try:
+            import psutil
+
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except Exception:  # noqa: BLE001 - gone or inaccessible
+            return 0
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def send_calls(self, calls: list[p.Call]) -> None:
+        """Write calls to the worker (any thread; the engine lock orders them)."""
+        if self.channel is not None:
+            self.channel.send_many(list(calls))
+
+    # -- ending --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to exit once its calls are done."""
+        self.expected_exit = True
+        if self.channel is not None:
+            self.channel.send(p.Shutdown())
+
+    def kill(self, reason: str = "") -> None:
+        """Kill the process group now: SIGTERM, then SIGKILL after a short grace."""
+        self.expected_exit = True
+        self.kill_reason = reason
+        if self.child is not None:
+            self.child.terminate()
+
+    def _on_exit(self, child: ChildProcess) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self.channel is not None:
+            self.channel.drain()  # results written just before the exit still count
+            self.channel.close()
+        exitcode = child.returncode
+        signal_name, reason = describe_exit(exitcode)
+        info = ExitInfo(
+            name=self.name,
+            pid=child.pid,
+            exitcode=exitcode if reason == "exit" else None,
+            signal=signal_name,
+            reason=reason,
+            stderr_tail=child.stderr_tail(),
+            detail=f"it broke the protocol ({self.protocol_error})" if self.protocol_error else "",
+        )
+        log_fn = log.info if self.expected_exit else log.warning
+        log_fn(
+            "offload: worker %s (pid %s) %s",
+            self.name,
+            child.pid,
+            f"exited with status {exitcode}" if reason == "exit" else f"killed by {signal_name}",
+        )
+        self.engine.process_exited(self, info)
+
+
+def subprocess_error() -> type[BaseException]:
+    import subprocess
+
+    return subprocess.SubprocessError
+
+
+def _getpid() -> int:
+    import os
+
+    return os.getpid()
+
+
+class Engine:
+    """Runs calls on ``slots`` worker processes with the given options.
+
+    Args:
+        options: the worker options.
+        slots: number of worker processes.
+        keep_warm: keep every slot started (pools) or start on demand (handles).
+        max_start_failures: see :class:`Scheduler`.
+        label: a name for this engine in logs (the pool or worker name).
+        loop: the I/O loop (the process-wide one by default).
+    """
+
+    def __init__(
+        self,
+        options: WorkerOptions,
+        slots: int = 1,
+        *,
+        keep_warm: bool = False,
+        max_start_failures: int = 3,
+        prefetch: int = 1,
+        label: str = "",
+        names: list[str] | None = None,
+        loop: Loop | None = None,
+    ) -> None:
+        self.options = options
+        self.loop = loop or get_loop()
+        self.label = label
+        self.names = names or [options.name or "offload-worker"] * slots
+        self.scheduler = Scheduler(
+            slots,
+            concurrency=options.concurrency,
+            prefetch=prefetch,
+            max_tasks=options.max_tasks,
+            keep_warm=keep_warm,
+            max_start_failures=max_start_failures,
+        )
+        self.lock = threading.Lock()
+        self.records: dict[int, CallRecord] = {}
+        self.procs: dict[tuple[int, int], WorkerProcess] = {}  # (slot, gen) -> process
+        self.current: dict[int, WorkerProcess] = {}  # slot -> its newest process
+        self.exited = threading.Condition(self.lock)
+        self.stats_done = 0
+        self.stats_failed = 0
+        self.restarts = 0
+        self._timer: Timer | None = None
+        self._timer_at: float | None = None
+        self._ready_events: dict[int, threading.Event] = {}
+        self._last_start_error: dict[int, OffloadError] = {}
+
+    # -- user-facing operations ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the slots that are kept warm."""
+        with self.lock:
+            deferred = self._apply(self.scheduler.start(self.loop.clock()))
+        self._resolve(deferred)
+
+    def submit(
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> Future[Any]:
+        """Queue a call; the returned future always resolves.
+
+        Raises:
+            RuntimeError: after shutdown.
+        """
+        future: Future[Any] = Future()
+        call_id = next(_call_ids)
+        target = ""
+        kind = p.BY_VALUE
+        try:
+            if isinstance(fn, str):
+                kind = p.BY_NAME
+                target = fn
+                data, buffers = dumps((args, kwargs))
+            else:
+                data, buffers = dumps((fn, args, kwargs))
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from __reduce__ included
+            what = culprit((fn, args, kwargs))
+            err = SerializationError(
+                f"an argument of {describe_call(fn, args, kwargs)} could not be pickled: "
+                f"{what}: {type_name(exc)}: {exc}",
+                direction="argument",
+                type_name=what,
+            )
+            err.__cause__ = exc
+            future._resolve_exception(err, task_raised=False)
+            return future
+        message = p.Call(
+            call_id=call_id,
+            kind=kind,
+            timeout=timeout or 0.0,
+            target=target,
+            payload=data,
+            buffers=tuple(buffers),
+        )
+        size = len(data) + sum(b.nbytes for b in buffers)
+        if size > self.options.max_message_size:
+            future._resolve_exception(
+                SerializationError(
+                    f"the arguments of {describe_call(fn, args, kwargs)} pickle to {size} "
+                    f"bytes, more than max_message_size ({self.options.max_message_size})",
+                    direction="argument",
+                    type_name=type_name(args[0]) if args else None,
+                ),
+                task_raised=False,
+            )
+            return future
+        record = CallRecord(call_id, future, message, fn, args, kwargs, timeout)
+        future._killer = lambda: self.kill_call(call_id)
+        future._canceller = lambda: self.cancel(call_id)
+        with self.lock:
+            if self.scheduler.closed:
+                raise RuntimeError("cannot submit after shutdown")
+            self.records[call_id] = record
+            deferred = self._apply(
+                self.scheduler.submit(call_id, timeout, retries, self.loop.clock())
+            )
+        self._resolve(deferred)
+        return future
+
+    def cancel(self, call_id: int) -> bool:
+        """Drop a queued call; False once it was sent to a worker."""
+        with self.lock:
+            if not self.scheduler.cancel(call_id):
+                return False
+            self.records.pop(call_id, None)
+        return True
+
+    def kill_call(self, call_id: int) -> bool:
+        """Kill the worker running ``call_id``; the call fails with WorkerKilled."""
+        with self.lock:
+            if call_id not in self.records:
+                return False
+            deferred = self._apply(self.scheduler.kill_call(call_id, self.loop.clock()))
+        self._resolve(deferred)
+        return True
+
+    def kill_all(self) -> None:
+        """Kill every worker now; running calls fail with WorkerKilled."""
+        with self.lock:
+            deferred = self._apply(self.scheduler.kill_all(self.loop.clock()))
+        self._resolve(deferred)
+
+    def shutdown(self, *, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
+        """Stop accepting calls; let workers finish (or kill them after ``timeout``)."""
+        with self.lock:
+            deferred = self._apply(self.scheduler.shutdown(cancel_futures, self.loop.clock()))
+        self._resolve(deferred)
+        if not wait:
+            return
+        if not self.wait_idle(timeout):
+            self.kill_all()
+            with self.lock:
+                for proc in list(self.procs.values()):
+                    proc.kill("shutdown")
+            self.wait_idle(None)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no call is pending and every process has exited."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.exited:
+            while self.records or self.procs:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self.exited.wait(remaining)
+        return True
+
+    def wait_ready(self, slot: int = 0) -> None:
+        """Block until ``slot`` is ready; raise its StartError if it could not start."""
+        with self.lock:
+            proc = self.current.get(slot)
+            if proc is not None and proc.ready:
+                return
+            event = self._ready_events.setdefault(slot, threading.Event())
+        event.wait()
+        with self.lock:
+            self._ready_events.pop(slot, None)
+            err = self._last_start_error.pop(slot, None)
+        if err is not None:
+            raise err
+
+    # -- events from worker processes (loop thread) --------------------------------------
+
+    def worker_ready(self, proc: WorkerProcess) -> None:
+        with self.lock:
+            self._last_start_error.pop(proc.slot, None)
+            event = self._ready_events.get(proc.slot)
+            deferred = self._apply(
+                self.scheduler.worker_ready(proc.slot, proc.gen, self.loop.clock())
+            )
+        if event is not None:
+            event.set()
+        self._resolve(deferred)
+
+    def start_failed(self, proc: WorkerProcess, error: OffloadError) -> None:
+        log.warning("offload: %s", error)
+        with self.lock:
+            self._last_start_error[proc.slot] = error
+            event = self._ready_events.get(proc.slot)
+            deferred = self._apply(
+                self.scheduler.start_failed(proc.slot, proc.gen, self.loop.clock(), error)
+            )
+        if event is not None:
+            event.set()
+        self._resolve(deferred)
+
+    def on_result(self, proc: WorkerProcess, msg: p.Result) -> None:
+        with self.lock:
+            if not self.scheduler.expects(proc.slot, proc.gen, msg.call_id):
+                return  # resolved already (timeout, kill) or a stray id
+            record = self.records.pop(msg.call_id)
+            deferred = self._apply(
+                self.scheduler.result(proc.slot, proc.gen, msg.call_id, self.loop.clock())
+            )
+        self._deliver(record, msg, proc)
+        self._resolve(deferred)
+        if self.options.memory_limit is not None:
+            self.check_memory(proc)
+
+    def on_progress(self, msg: p.Progress) -> None:
+        record = self.records.get(msg.call_id)
+        if record is None:
+            return
+        try:
+            value = loads(msg.payload, msg.buffers)
+        except BaseException:  # noqa: BLE001
+            log.warning(
+                "offload: a progress report of %s could not be unpickled", record.describe()
+            )
+            return
+        record.future._set_progress(value)
+
+    def worker_failed(self, proc: WorkerProcess, reason: str, detail: str) -> None:
+        """Kill a worker the engine gave up on (unresponsive, over memory)."""
+        info = ExitInfo(proc.name, proc.pid, None, None, reason, "", detail)
+        with self.lock:
+            deferred = self._apply(
+                self.scheduler.worker_failed(proc.slot, proc.gen, self.loop.clock(), info)
+            )
+        self._resolve(deferred)
+        self._notify_failure(info)
+
+    def check_memory(self, proc: WorkerProcess) -> None:
+        limit = self.options.memory_limit
+        if limit is None or proc.expected_exit:
+            return
+        rss = proc.rss()
+        if rss <= limit:
+            return
+        with self.lock:
+            counts_busy = any(
+                self.scheduler.slot_of(c) == (proc.slot, proc.gen) for c in self.records
+            )
+        if counts_busy:
+            mib = 1 << 20
+            self.worker_failed(
+                proc,
+                "memory",
+                f"used {rss / mib:.0f} MiB, above its memory_limit of {limit / mib:.0f} MiB, "
+                "and was killed",
+            )
+        else:
+            with self.lock:
+                deferred = self._apply(
+                    self.scheduler.recycle(proc.slot, proc.gen, self.loop.clock())
+                )
+            self._resolve(deferred)
+
+    def process_exited(self, proc: WorkerProcess, info: ExitInfo) -> None:
+        with self.lock:
+            self.procs.pop((proc.slot, proc.gen), None)
+            if self.current.get(proc.slot) is proc:
+                del self.current[proc.slot]
+            deferred: list[Resolve] = []
+            unexpected = not proc.expected_exit
+            if unexpected:
+                if proc.ready:
+                    deferred = self._apply(
+                        self.scheduler.worker_died(proc.slot, proc.gen, self.loop.clock(), info)
+                    )
+                else:
+                    err = StartError(
+                        f"worker {proc.name} (pid {info.pid}) "
+                        + (
+                            f"exited with status {info.exitcode}"
+                            if info.reason == "exit"
+                            else f"was killed by {info.signal}"
+                        )
+                        + " before finishing its handshake"
+                        + (
+                            "; with start_method='reexec' the program must call "
+                            "offload.init() first"
+                            if self.options.start_method == "reexec"
+                            else ""
+                        )
+                        + (
+                            f"; last stderr: {_tail_excerpt(info.stderr_tail)}"
+                            if info.stderr_tail.strip()
+                            else ""
+                        ),
+                        worker=proc.name,
+                        pid=info.pid,
+                        exitcode=info.exitcode,
+                        stderr_tail=info.stderr_tail,
+                    )
+                    self._last_start_error[proc.slot] = err
+                    event = self._ready_events.get(proc.slot)
+                    if event is not None:
+                        event.set()
+                    deferred = self._apply(
+                        self.scheduler.start_failed(proc.slot, proc.gen, self.loop.clock(), err)
+                    )
+            self.exited.notify_all()
+        self._resolve(deferred)
+        if unexpected and proc.ready:
+            self._notify_failure(info)
+
+    def _notify_failure(self, info: ExitInfo) -> None:
+        callback = self.options.on_failure
+        if callback is None:
+            return
+        error = info.crashed("its calls")
+
+        def run() -> None:
+            try:
+                callback(error)
+            except Exception:
+                log.exception("offload: on_failure callback raised")
+
+        threading.Thread(target=run, name="offload-on-failure", daemon=True).start()
+
+    def _tick(self) -> None:
+        with self.lock:
+            self._timer = None
+            self._timer_at = None
+            deferred = self._apply(self.scheduler.tick(self.loop.clock()))
+        self._resolve(deferred)
+
+    # -- carrying out actions ------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> list[Resolve]:
+        """Carry out actions (lock held); return the resolutions to do after unlocking."""
+        deferred: list[Resolve] = []
+        for action in actions:
+            match action:
+                case SendCalls(slot=slot, gen=gen, call_ids=call_ids):
+                    proc = self.procs.get((slot, gen))
+                    messages = []
+                    for call_id in call_ids:
+                        record = self.records[call_id]
+                        record.future.set_running_or_notify_cancel()
+                        messages.append(record.message)
+                    if proc is not None:
+                        proc.send_calls(messages)
+                case StartWorker(slot=slot, gen=gen):
+                    if slot in self.current:
+                        self.restarts += 1
+                    proc = WorkerProcess(self, slot, gen, self.names[slot])
+                    self.procs[(slot, gen)] = proc
+                    self.current[slot] = proc
+                    self.loop.call_soon(proc.start)
+                case KillWorker(slot=slot, gen=gen, reason=reason):
+                    proc = self.procs.get((slot, gen))
+                    if proc is not None:
+                        proc.kill(reason)
+                case StopWorker(slot=slot, gen=gen):
+                    proc = self.procs.get((slot, gen))
+                    if proc is not None:
+                        proc.stop()
+                case Resolve():
+                    deferred.append(action)
+        self._arm_timer()
+        return deferred
+
+    def _arm_timer(self) -> None:
+        when = self.scheduler.next_wakeup()
+        if when is None or (self._timer_at is not None and self._timer_at <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._tick)
+
+    def _resolve(self, resolutions: list[Resolve]) -> None:
+        for res in resolutions:
+            with self.lock:
+                record = self.records.pop(res.call_id, None)
+            if record is None:
+                continue
+            if res.outcome is Outcome.CANCELLED:
+                concurrent.futures.Future.cancel(record.future)
+                continue
+            self.stats_failed += 1
+            record.future._resolve_exception(self._error_for(record, res), task_raised=False)
+
+    def _proc_for(self, slot: int | None) -> WorkerProcess | None:
+        if slot is None:
+            return None
+        return self.current.get(slot)
+
+    def _error_for(self, record: CallRecord, res: Resolve) -> OffloadError:
+        call = record.describe()
+        name = self.names[res.slot] if res.slot is not None else self.label
+        cause = res.cause
+        if res.outcome is Outcome.TIMEOUT:
+            pid = self._pid_hint(res)
+            return TaskTimeout(
+                f"{call} did not finish within its timeout of {record.timeout:g} s; worker "
+                f"{name} (pid {pid}) was killed and will be replaced",
+                timeout=record.timeout or 0.0,
+                pid=pid,
+                worker=name,
+            )
+        if res.outcome is Outcome.KILLED:
+            pid = self._pid_hint(res)
+            return WorkerKilled(
+                f"{call} was killed on worker {name} (pid {pid})", pid=pid, worker=name
+            )
+        if res.outcome is Outcome.COLLATERAL:
+            pid = self._pid_hint(res)
+            other = self.records.get(cause) if isinstance(cause, int) else None
+            why = (
+                f"because {other.describe()} on the same worker"
+                if other
+                else "because another call on it"
+            )
+            return WorkerCrashed(
+                f"worker {name} (pid {pid}) was killed while running {call}, {why} timed out "
+                "or was killed",
+                pid=pid,
+                signal="SIGKILL",
+                reason="signal",
+                worker=name,
+            )
+        if res.outcome is Outcome.START_FAILED:
+            if isinstance(cause, OffloadError):
+                return clone_error(cause)
+            return StartError(f"no worker could start to run {call}", worker=name)
+        assert isinstance(cause, ExitInfo)
+        return cause.crashed(call)
+
+    def _pid_hint(self, res: Resolve) -> int | None:
+        proc = self._proc_for(res.slot)
+        return proc.pid if proc is not None else None
+
+    def _deliver(self, record: CallRecord, msg: p.Result, proc: WorkerProcess) -> None:
+        future = record.future
+        status = msg.status
+        if status == p.OK:
+            try:
+                value = loads(msg.payload, msg.buffers)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from __setstate__ too
+                err = SerializationError(
+                    f"the result of {record.describe()} could not be unpickled: "
+                    f"{type_name(exc)}: {exc}",
+                    direction="result",
+                )
+                err.__cause__ = exc
+                self.stats_failed += 1
+                future._resolve_exception(err, task_raised=False)
+                return
+            self.stats_done += 1
+            future._resolve_value(value)
+            return
+        self.stats_failed += 1
+        if status == p.RAISED:
+            future._resolve_exception(self._task_exception(record, msg), task_raised=True)
+        elif status == p.BAD_ARGUMENT:
+            future._resolve_exception(
+                SerializationError(
+                    f"{record.describe()}: {msg.message}",
+                    direction="argument",
+                    type_name=msg.type_name,
+                ),
+                task_raised=False,
+            )
+        elif status == p.BAD_RESULT:
+            future._resolve_exception(
+                SerializationError(
+                    f"{record.describe()}: {msg.message}",
+                    direction="result",
+                    type_name=msg.type_name,
+                ),
+                task_raised=False,
+            )
+        elif status == p.UNKNOWN_TASK:
+            future._resolve_exception(
+                NoWorkerAvailable(
+                    f"worker {proc.name} (pid {proc.pid}) knows no task named "
+                    f"{msg.type_name!r}; register it with @offload.task(name=...) in a module "
+                    "the worker imports (preload=...)",
+                    task=msg.type_name,
+                ),
+                task_raised=False,
+            )
+        else:
+            future._resolve_exception(
+                ProtocolError(f"worker {proc.name} sent an unknown result status {status}"),
+                task_raised=False,
+            )
+
+    @staticmethod
+    def _task_exception(record: CallRecord, msg: p.Result) -> BaseException:
+        exc: BaseException | None = None
+        if msg.payload:
+            try:
+                loaded = loads(msg.payload, msg.buffers)
+                if isinstance(loaded, BaseException):
+                    exc = loaded
+            except BaseException:  # noqa: BLE001 - falls back to RemoteError
+                exc = None
+        if exc is None:
+            exc = RemoteError(msg.message, type_name=msg.type_name, traceback=msg.traceback)
+        exc.__cause__ = RemoteTraceback(msg.traceback)
+        return exc
+
+
+def clone_error(err: OffloadError) -> OffloadError:
+    """A fresh copy of ``err`` (each future gets its own exception object)."""
+    rebuild, args = err.__reduce__()[:2]
+    copy: OffloadError = rebuild(*args)
+    return copy

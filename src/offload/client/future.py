@@ -1,0 +1,173 @@
+"""``offload.Future``: a ``concurrent.futures.Future`` that can be awaited, polled with
+:meth:`Future.status`, killed, and watched for progress.
+
+Status values are frozen dataclasses for use with ``match``::
+
+    match fut.status():
+        case offload.Success(value): ...
+        case offload.Raised(exc): ...          # the task raised
+        case offload.Failed(error): ...        # an offload.ExecutionError
+        case offload.Working() | offload.Cancelled(): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from offload.errors import ExecutionError
+
+T = TypeVar("T")
+log = logging.getLogger("offload")
+
+
+@dataclass(frozen=True, slots=True)
+class Working:
+    """The call is queued or running."""
+
+
+@dataclass(frozen=True, slots=True)
+class Success(Generic[T]):
+    """The call returned ``value``."""
+
+    value: T
+
+
+@dataclass(frozen=True, slots=True)
+class Raised:
+    """The task raised ``exception`` (re-raised by ``result()`` as itself)."""
+
+    exception: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The call did not complete for a reason outside the task: ``error`` says which."""
+
+    error: ExecutionError
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The call was cancelled before it started."""
+
+
+Status = Working | Success[Any] | Raised | Failed | Cancelled
+
+
+class Future(concurrent.futures.Future[T]):
+    """The pending result of a call in another process. Always resolves.
+
+    Besides everything ``concurrent.futures.Future`` offers, it can be awaited from any
+    running asyncio loop, polled with :meth:`status`, stopped with :meth:`kill` and
+    watched with :meth:`progress` / :meth:`add_progress_callback`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._killer: Callable[[], bool] | None = None
+        self._canceller: Callable[[], bool] | None = None
+        self._task_raised = False
+        self._progress: Any = None
+        self._progress_callbacks: list[Callable[[Any], Any]] = []
+        self._progress_lock = threading.Lock()
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        """Where the call is now, without blocking."""
+        if not self.done():
+            return Working()
+        if self.cancelled():
+            return Cancelled()
+        exc = self.exception(timeout=0)
+        if exc is None:
+            return Success(self.result(timeout=0))
+        if isinstance(exc, ExecutionError) and not self._task_raised:
+            return Failed(exc)
+        return Raised(exc)
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not been sent to a worker yet.
+
+        Returns:
+            True if the call will never run.
+        """
+        canceller = self._canceller
+        if canceller is not None and not self.done() and not canceller():
+            return False
+        return super().cancel()
+
+    # -- killing -------------------------------------------------------------------------
+
+    def kill(self) -> bool:
+        """Stop the call now: cancel it if it has not started, otherwise kill its worker
+        process (and process group). The future then fails with
+        :class:`~offload.WorkerKilled`; a pool replaces the worker.
+
+        Returns:
+            True if the call was stopped, False if it had already finished.
+        """
+        if self.done():
+            return False
+        if self.cancel():
+            return True
+        killer = self._killer
+        return killer() if killer is not None else False
+
+    # -- progress ------------------------------------------------------------------------
+
+    def progress(self) -> Any:
+        """The last value the task passed to ``offload.report()``, or None."""
+        return self._progress
+
+    def add_progress_callback(self, fn: Callable[[Any], Any]) -> None:
+        """Call ``fn(value)`` (on offload's I/O thread) for every value the task reports
+        from now on."""
+        with self._progress_lock:
+            self._progress_callbacks.append(fn)
+
+    def _set_progress(self, value: Any) -> None:
+        self._progress = value
+        with self._progress_lock:
+            callbacks = list(self._progress_callbacks)
+        for cb in callbacks:
+            try:
+                cb(value)
+            except Exception:
+                log.exception("offload: progress callback %r raised", cb)
+
+    # -- asyncio -------------------------------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+    # -- resolution (used by the client) -------------------------------------------------
+
+    def _resolve_exception(self, exc: BaseException, *, task_raised: bool) -> bool:
+        """Fail the future unless it is already resolved; True if this call did it."""
+        with self._condition:
+            if self.done():
+                return False
+            self._task_raised = task_raised
+        try:
+            self.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            return False
+        return True
+
+    def _resolve_value(self, value: Any) -> bool:
+        try:
+            self.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        state = type(self.status()).__name__
+        return f"<offload.Future at {id(self):#x} state={state}>"

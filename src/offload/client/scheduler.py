@@ -1,0 +1,532 @@
+"""The scheduler: which call runs on which worker slot, as a state machine with no I/O.
+
+Theory of operation
+-------------------
+A *slot* is a place for one worker process; a worker handle has one slot, a pool has
+``workers`` slots. Each slot goes through::
+
+    EMPTY --start--> STARTING --ready--> READY --(max_tasks reached)--> RETIRING
+      ^                 |                  |                               |
+      |            start_failed         died / killed                 drained: stop
+      |                 v                  |                               |
+      +------ BACKOFF <-+    FAILED        +-------------------------------+--> EMPTY
+
+Every process a slot starts gets a new *generation* number; events about an older
+generation (a killed process that finally exits) are ignored, so a slot never confuses
+its old process with its new one.
+
+Calls wait in one FIFO queue in the parent; a READY slot is sent up to
+``concurrency + prefetch`` of them. A worker starts the calls it receives in arrival
+order, at most ``concurrency`` at once, so the first ``concurrency`` calls *outstanding*
+on a slot are exactly the ones running: that is when their timeout clock starts, and
+those are the only calls that fail when the worker dies. The others were never started
+and go back to the front of the queue, to run on the replacement.
+
+Every event method takes ``now`` (an injected clock reading) and returns the actions the
+driver must carry out; the scheduler never does I/O, never sleeps and never reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SlotState(enum.Enum):
+    """Where a worker slot is in its life."""
+
+    EMPTY = "empty"
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+class Outcome(enum.Enum):
+    """Why the scheduler resolves a call itself (results are resolved by the driver)."""
+
+    TIMEOUT = "timeout"  # its own timeout passed: TaskTimeout
+    KILLED = "killed"  # the user killed it (or shutdown(kill=True)): WorkerKilled
+    CRASHED = "crashed"  # its worker died and no retries are left: WorkerCrashed
+    COLLATERAL = "collateral"  # killed with a worker that was killed for another call
+    START_FAILED = "start_failed"  # no worker could start for it: StartError
+    CANCELLED = "cancelled"  # dropped from the queue by shutdown(cancel_futures=True)
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartWorker:
+    """Start a process for ``slot``; report back with ``worker_ready``/``start_failed``."""
+
+    slot: int
+    gen: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendCalls:
+    """Send these calls, in this order, to the process of ``slot``/``gen``."""
+
+    slot: int
+    gen: int
+    call_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KillWorker:
+    """Kill the process group of ``slot``/``gen`` now (its calls are already resolved)."""
+
+    slot: int
+    gen: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopWorker:
+    """Ask the process of ``slot``/``gen`` to exit once idle (graceful)."""
+
+    slot: int
+    gen: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Fail (or cancel) a call; ``cause`` is what the driver passed with the event."""
+
+    call_id: int
+    outcome: Outcome
+    slot: int | None = None
+    cause: Any = None
+
+
+Action = StartWorker | SendCalls | KillWorker | StopWorker | Resolve
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallEntry:
+    """The scheduler's view of one call."""
+
+    call_id: int
+    timeout: float | None
+    retries: int
+    attempts: int = 0
+    slot: int | None = None
+    started_at: float | None = None
+    deadline: float | None = None
+
+
+@dataclass(slots=True)
+class Slot:
+    """The scheduler's view of one worker slot."""
+
+    index: int
+    state: SlotState = SlotState.EMPTY
+    gen: int = 0
+    outstanding: deque[int] = field(default_factory=deque)
+    sent: int = 0  # calls sent to the current process
+    start_failures: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Scheduler counters, for ``stats()`` and ``repr``."""
+
+    busy: int
+    idle: int
+    starting: int
+    queued: int
+    running: int
+
+
+class Scheduler:
+    """Assigns calls to worker slots.
+
+    Args:
+        slots: number of worker slots.
+        concurrency: calls one worker runs at once.
+        prefetch: calls sent to a worker beyond those it is running, to hide latency.
+        max_tasks: calls a process serves before it is replaced (None: unlimited).
+        keep_warm: start processes before calls arrive (pools) rather than on demand
+            (worker handles restart their process only when the next call comes).
+        max_start_failures: consecutive start failures of a slot before the queued calls
+            fail with StartError; the next submission tries again.
+        backoff: first delay before restarting a slot whose start failed (doubles).
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        *,
+        concurrency: int = 1,
+        prefetch: int = 1,
+        max_tasks: int | None = None,
+        keep_warm: bool = True,
+        max_start_failures: int = 3,
+        backoff: float = 0.05,
+    ) -> None:
+        if slots < 1 or concurrency < 1:
+            raise ValueError("slots and concurrency must be >= 1")
+        self.concurrency = concurrency
+        self.prefetch = max(0, prefetch)
+        self.max_tasks = max_tasks
+        self.keep_warm = keep_warm
+        self.max_start_failures = max_start_failures
+        self.backoff = backoff
+        self.slots = [Slot(i) for i in range(slots)]
+        self.calls: dict[int, CallEntry] = {}
+        self.queue: deque[int] = deque()
+        self.closed = False
+        self._deadlines: list[tuple[float, int]] = []
+
+    # -- events from the caller ----------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Start the slots that should be warm from the beginning."""
+        actions: list[Action] = []
+        for slot in self.slots:
+            if slot.state is SlotState.EMPTY:
+                actions.append(self._start(slot))
+        return actions
+
+    def submit(self, call_id: int, timeout: float | None, retries: int, now: float) -> list[Action]:
+        """A new call."""
+        self.calls[call_id] = CallEntry(call_id, timeout, retries)
+        self.queue.append(call_id)
+        for slot in self.slots:
+            if slot.state is SlotState.FAILED:
+                slot.state = SlotState.EMPTY
+                slot.start_failures = 0
+        return self._schedule(now)
+
+    def cancel(self, call_id: int) -> bool:
+        """Drop a call that is still queued in the parent; False if it was sent already."""
+        entry = self.calls.get(call_id)
+        if entry is None or entry.slot is not None:
+            return False
+        try:
+            self.queue.remove(call_id)
+        except ValueError:
+            return False
+        del self.calls[call_id]
+        return True
+
+    def kill_call(self, call_id: int, now: float) -> list[Action]:
+        """The user killed a call: its worker dies, the call fails with WorkerKilled."""
+        entry = self.calls.get(call_id)
+        if entry is None:
+            return []
+        if entry.slot is None:
+            self.queue.remove(call_id)
+            del self.calls[call_id]
+            return [Resolve(call_id, Outcome.KILLED)]
+        slot = self.slots[entry.slot]
+        return self._kill_slot(slot, "killed", now, primary=call_id, outcome=Outcome.KILLED)
+
+    def kill_all(self, now: float) -> list[Action]:
+        """Kill every worker; running calls fail with WorkerKilled (shutdown(kill=True))."""
+        actions: list[Action] = []
+        for slot in self.slots:
+            running = [c for c in slot.outstanding if self.calls[c].started_at is not None]
+            if slot.state in (SlotState.READY, SlotState.RETIRING, SlotState.STARTING):
+                actions += self._kill_slot(
+                    slot, "shutdown", now, primary=None, outcome=Outcome.KILLED, victims=running
+                )
+        return actions
+
+    def shutdown(self, cancel_queued: bool, now: float) -> list[Action]:
+        """No more submissions; idle workers stop once the queue has drained."""
+        self.closed = True
+        actions: list[Action] = []
+        if cancel_queued:
+            while self.queue:
+                call_id = self.queue.popleft()
+                del self.calls[call_id]
+                actions.append(Resolve(call_id, Outcome.CANCELLED))
+        return actions + self._schedule(now)
+
+    # -- events from the driver ----------------------------------------------------------
+
+    def worker_ready(self, slot_index: int, gen: int, now: float) -> list[Action]:
+        """The process of ``slot``/``gen`` finished its handshake (and initializer)."""
+        slot = self.slots[slot_index]
+        if slot.gen != gen or slot.state is not SlotState.STARTING:
+            return []
+        slot.state = SlotState.READY
+        slot.start_failures = 0
+        return self._schedule(now)
+
+    def start_failed(self, slot_index: int, gen: int, now: float, cause: Any) -> list[Action]:
+        """The process of ``slot``/``gen`` could not start."""
+        slot = self.slots[slot_index]
+        if slot.gen != gen or slot.state is not SlotState.STARTING:
+            return []
+        slot.start_failures += 1
+        actions: list[Action] = []
+        if slot.start_failures >= self.max_start_failures:
+            slot.state = SlotState.FAILED
+            if not any(s.state in (SlotState.READY, SlotState.STARTING) for s in self.slots):
+                while self.queue:
+                    call_id = self.queue.popleft()
+                    del self.calls[call_id]
+                    actions.append(Resolve(call_id, Outcome.START_FAILED, slot_index, cause))
+        else:
+            slot.state = SlotState.BACKOFF
+            slot.retry_at = now + self.backoff * 2 ** (slot.start_failures - 1)
+        return actions + self._schedule(now)
+
+    def result(self, slot_index: int, gen: int, call_id: int, now: float) -> list[Action]:
+        """The worker answered ``call_id``; the driver resolves the future itself.
+
+        Returns no action for a result the scheduler does not expect (a call already
+        resolved by a timeout or kill): the driver must then ignore the result.
+        """
+        slot = self.slots[slot_index]
+        entry = self.calls.get(call_id)
+        if slot.gen != gen or entry is None or entry.slot != slot_index:
+            return []
+        del self.calls[call_id]
+        try:
+            slot.outstanding.remove(call_id)
+        except ValueError:
+            pass
+        self._mark_running(slot, now)
+        return self._schedule(now)
+
+    def expects(self, slot_index: int, gen: int, call_id: int) -> bool:
+        """Whether a result for ``call_id`` from ``slot``/``gen`` is current."""
+        entry = self.calls.get(call_id)
+        return entry is not None and entry.slot == slot_index and self.slots[slot_index].gen == gen
+
+    def worker_died(self, slot_index: int, gen: int, now: float, cause: Any) -> list[Action]:
+        """The process of ``slot``/``gen`` died without being asked to."""
+        slot = self.slots[slot_index]
+        if slot.gen != gen:
+            return []
+        if slot.state is SlotState.STARTING:
+            return self.start_failed(slot_index, gen, now, cause)
+        if slot.state not in (SlotState.READY, SlotState.RETIRING):
+            return []
+        return self._fail_slot(slot, now, cause, Outcome.CRASHED)
+
+    def worker_failed(self, slot_index: int, gen: int, now: float, cause: Any) -> list[Action]:
+        """The driver decided the process of ``slot``/``gen`` must die (over memory,
+        unresponsive): kill it, and its running calls fail as crashed (retryable)."""
+        slot = self.slots[slot_index]
+        if slot.gen != gen or slot.state not in (SlotState.READY, SlotState.RETIRING):
+            return []
+        old_gen = slot.gen
+        actions = self._fail_slot(slot, now, cause, Outcome.CRASHED)
+        return [KillWorker(slot_index, old_gen, "failed"), *actions]
+
+    def recycle(self, slot_index: int, gen: int, now: float) -> list[Action]:
+        """Replace the process of ``slot``/``gen`` once its calls finish (memory_limit)."""
+        slot = self.slots[slot_index]
+        if slot.gen != gen or slot.state is not SlotState.READY:
+            return []
+        slot.state = SlotState.RETIRING
+        return self._schedule(now)
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: fire timeouts and restart slots whose back-off is over."""
+        actions: list[Action] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, call_id = heapq.heappop(self._deadlines)
+            entry = self.calls.get(call_id)
+            if entry is None or entry.deadline != deadline or entry.slot is None:
+                continue
+            slot = self.slots[entry.slot]
+            actions += self._kill_slot(
+                slot, "timeout", now, primary=call_id, outcome=Outcome.TIMEOUT
+            )
+        for slot in self.slots:
+            if slot.state is SlotState.BACKOFF and slot.retry_at <= now:
+                slot.state = SlotState.EMPTY
+        return actions + self._schedule(now)
+
+    def next_wakeup(self) -> float | None:
+        """The clock reading at which :meth:`tick` has something to do, or None."""
+        while self._deadlines:
+            deadline, call_id = self._deadlines[0]
+            entry = self.calls.get(call_id)
+            if entry is not None and entry.deadline == deadline:
+                break
+            heapq.heappop(self._deadlines)
+        times = [s.retry_at for s in self.slots if s.state is SlotState.BACKOFF]
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        return min(times) if times else None
+
+    # -- queries -------------------------------------------------------------------------
+
+    def counts(self) -> Counts:
+        """How many slots are busy/idle/starting and calls queued/running."""
+        busy = idle = starting = running = 0
+        for slot in self.slots:
+            if slot.state in (SlotState.STARTING, SlotState.BACKOFF):
+                starting += 1
+            elif slot.state in (SlotState.READY, SlotState.RETIRING):
+                n = min(len(slot.outstanding), self.concurrency)
+                running += n
+                if n:
+                    busy += 1
+                else:
+                    idle += 1
+        return Counts(busy, idle, starting, len(self.queue), running)
+
+    def idle(self) -> bool:
+        """No call queued or outstanding."""
+        return not self.calls
+
+    def slot_of(self, call_id: int) -> tuple[int, int] | None:
+        """(slot, gen) a call was sent to, or None while it is queued."""
+        entry = self.calls.get(call_id)
+        if entry is None or entry.slot is None:
+            return None
+        return entry.slot, self.slots[entry.slot].gen
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _start(self, slot: Slot) -> StartWorker:
+        slot.gen += 1
+        slot.state = SlotState.STARTING
+        slot.sent = 0
+        slot.outstanding.clear()
+        return StartWorker(slot.index, slot.gen)
+
+    def _mark_running(self, slot: Slot, now: float) -> None:
+        for i, call_id in enumerate(slot.outstanding):
+            if i >= self.concurrency:
+                break
+            entry = self.calls[call_id]
+            if entry.started_at is None:
+                entry.started_at = now
+                if entry.timeout is not None:
+                    entry.deadline = now + entry.timeout
+                    heapq.heappush(self._deadlines, (entry.deadline, call_id))
+
+    def _requeue_front(self, call_ids: list[int]) -> None:
+        for call_id in reversed(call_ids):
+            entry = self.calls[call_id]
+            entry.slot = None
+            entry.started_at = None
+            entry.deadline = None
+            self.queue.appendleft(call_id)
+
+    def _fail_slot(self, slot: Slot, now: float, cause: Any, outcome: Outcome) -> list[Action]:
+        """The slot's process is gone: resolve or retry its running calls, requeue the
+        rest, and empty the slot."""
+        actions: list[Action] = []
+        running, waiting = self._split(slot)
+        retry: list[int] = []
+        for call_id in running:
+            entry = self.calls[call_id]
+            entry.attempts += 1
+            if entry.attempts <= entry.retries and not self.closed_to(call_id):
+                retry.append(call_id)
+            else:
+                del self.calls[call_id]
+                actions.append(Resolve(call_id, outcome, slot.index, cause))
+        self._requeue_front(retry + waiting)
+        slot.outstanding.clear()
+        slot.state = SlotState.EMPTY
+        slot.gen += 1  # later events about the dead process are stale
+        return actions + self._schedule(now)
+
+    def closed_to(self, call_id: int) -> bool:
+        """Whether a retry is impossible (reserved for remote host loss; always False)."""
+        return False
+
+    def _kill_slot(
+        self,
+        slot: Slot,
+        reason: str,
+        now: float,
+        *,
+        primary: int | None,
+        outcome: Outcome,
+        victims: list[int] | None = None,
+    ) -> list[Action]:
+        """Kill the slot's process because of ``primary`` (or of all ``victims``)."""
+        old_gen = slot.gen
+        actions: list[Action] = [KillWorker(slot.index, old_gen, reason)]
+        running, waiting = self._split(slot)
+        retry: list[int] = []
+        victims = victims if victims is not None else ([primary] if primary is not None else [])
+        for call_id in running:
+            if call_id in victims:
+                del self.calls[call_id]
+                actions.append(Resolve(call_id, outcome, slot.index, primary))
+                continue
+            entry = self.calls[call_id]
+            entry.attempts += 1
+            if entry.attempts <= entry.retries:
+                retry.append(call_id)
+            else:
+                del self.calls[call_id]
+                actions.append(Resolve(call_id, Outcome.COLLATERAL, slot.index, primary))
+        if primary is not None and primary in waiting:  # killed before it started
+            waiting.remove(primary)
+            del self.calls[primary]
+            actions.append(Resolve(primary, outcome, slot.index, primary))
+        self._requeue_front(retry + waiting)
+        slot.outstanding.clear()
+        slot.state = SlotState.EMPTY
+        slot.gen += 1
+        return actions + self._schedule(now)
+
+    def _split(self, slot: Slot) -> tuple[list[int], list[int]]:
+        running = [c for c in slot.outstanding if self.calls[c].started_at is not None]
+        waiting = [c for c in slot.outstanding if self.calls[c].started_at is None]
+        return running, waiting
+
+    def _schedule(self, now: float) -> list[Action]:
+        """Send queued calls to ready slots; start, stop and retire processes."""
+        actions: list[Action] = []
+        limit = self.concurrency + self.prefetch
+        sends: dict[int, list[int]] = {}
+        while self.queue:
+            best: Slot | None = None
+            for slot in self.slots:
+                if slot.state is not SlotState.READY or len(slot.outstanding) >= limit:
+                    continue
+                if best is None or len(slot.outstanding) < len(best.outstanding):
+                    best = slot
+            if best is None:
+                break
+            call_id = self.queue.popleft()
+            entry = self.calls[call_id]
+            entry.slot = best.index
+            best.outstanding.append(call_id)
+            best.sent += 1
+            sends.setdefault(best.index, []).append(call_id)
+            if self.max_tasks is not None and best.sent >= self.max_tasks:
+                best.state = SlotState.RETIRING
+            self._mark_running(best, now)
+        for index, call_ids in sends.items():
+            actions.append(SendCalls(index, self.slots[index].gen, tuple(call_ids)))
+        demand = len(self.queue)
+        for slot in self.slots:
+            retiring = slot.state is SlotState.RETIRING
+            closing = slot.state is SlotState.READY and self.closed and not self.queue
+            if (retiring or closing) and not slot.outstanding:
+                actions.append(StopWorker(slot.index, slot.gen))
+                slot.state = SlotState.EMPTY
+                slot.gen += 1
+            wanted = demand > 0 or (self.keep_warm and not self.closed)
+            if slot.state is SlotState.EMPTY and not self.closed_for_new(slot) and wanted:
+                actions.append(self._start(slot))
+                demand -= self.concurrency
+        return actions
+
+    def closed_for_new(self, slot: Slot) -> bool:
+        """Whether no new process may start (shut down with nothing queued)."""
+        return self.closed and not self.queue

@@ -1,0 +1,192 @@
+"""Worker handles: ``offload.spawn()`` and ``offload.delegate()``.
+
+A :class:`Worker` is a stateless slot for one process: when the process dies (crash,
+kill, timeout, ``max_tasks``, ``memory_limit``), the calls running there fail with a
+typed error, ``on_failure`` fires for unexpected deaths, and the next call starts a fresh
+process (``w.pid`` changes).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+from offload.client.engine import Engine
+from offload.client.future import Future
+from offload.client.options import WorkerOptions, make_options
+from offload.tasks import Task
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def call_settings(fn: Any) -> tuple[Any, float | None, int]:
+    """(what to send, timeout, retries) for a callable, a Task or a task name."""
+    if isinstance(fn, Task):
+        return fn, fn.timeout, fn.retries
+    if isinstance(fn, str) or callable(fn):
+        return fn, None, 0
+    raise TypeError(f"submit() needs a callable or a task name, not {type(fn).__name__}")
+
+
+class Worker:
+    """A handle on one worker process (restarted on demand after it dies).
+
+    Use :func:`offload.spawn` to make one. Thread-safe.
+    """
+
+    def __init__(self, options: WorkerOptions, *, wait: bool = True) -> None:
+        self._options = options
+        self._engine = Engine(
+            options,
+            1,
+            keep_warm=True,
+            max_start_failures=1,
+            label=options.name or "",
+            names=[options.name or ""],
+        )
+        # The handle may be dropped without shutdown(): stop the process then.
+        self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
+        self._engine.start()
+        if wait:
+            try:
+                self._engine.wait_ready()
+            except BaseException:
+                self._engine.shutdown(wait=True, cancel_futures=True, timeout=0)
+                self._finalizer.detach()
+                raise
+        self._engine.scheduler.keep_warm = False  # restart lazily, on the next call
+
+    @property
+    def name(self) -> str:
+        """The worker's name (in errors, logs and its process title)."""
+        return self._options.name or ""
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the current process, or None between processes."""
+        proc = self._engine.current.get(0)
+        return proc.pid if proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's process is running."""
+        proc = self._engine.current.get(0)
+        return bool(proc and proc.child and proc.child.returncode is None)
+
+    @overload
+    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    @overload
+    def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in the worker.
+
+        Args:
+            fn: a picklable callable, a :class:`~offload.Task`, or a registered task name.
+
+        Returns:
+            A future that always resolves: with the value, the task's own exception, or
+            an :class:`~offload.ExecutionError` saying what went wrong.
+
+        Raises:
+            RuntimeError: the worker was shut down.
+        """
+        target, timeout, retries = call_settings(fn)
+        return self._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+
+    @overload
+    def call(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    def call(self, fn: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+    def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """``submit(...).result()``: run the call and return its value (or raise)."""
+        return self.submit(fn, *args, **kwargs).result()
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Finish the running and queued calls, then let the process exit.
+
+        Args:
+            wait: block until the process has exited.
+            timeout: with ``wait``, kill the process after this many seconds.
+        """
+        self._finalizer.detach()
+        self._engine.shutdown(wait=wait, cancel_futures=False, timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill the process (and its process group) now; running calls fail with
+        :class:`~offload.WorkerKilled`. The next call starts a fresh process."""
+        self._engine.kill_all()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        counts = self._engine.scheduler.counts()
+        state = "alive" if self.alive else "stopped" if self._engine.scheduler.closed else "idle"
+        return (
+            f"<Worker {self.name} pid={self.pid} {state} running={counts.running} "
+            f"queued={counts.queued}>"
+        )
+
+
+def _shutdown_engine(engine: Engine) -> None:
+    engine.shutdown(wait=False, cancel_futures=True, timeout=None)
+
+
+def spawn(**options: Any) -> Worker:
+    """Start a worker process and return its handle once it is ready.
+
+    Args:
+        **options: worker options (SPEC section 4): ``name``, ``start_method``
+            (``"spawn"`` or ``"reexec"``), ``python``, ``preload``, ``initializer``,
+            ``initargs``, ``env``, ``cwd``, ``umask``, ``stdout``, ``stderr``,
+            ``concurrency``, ``max_tasks``, ``memory_limit``, ``start_timeout``,
+            ``heartbeat``, ``max_message_size``, ``on_failure``, ``shutdown_on``.
+
+    Raises:
+        StartError: the process could not start, its initializer raised, or it did not
+            finish the handshake within ``start_timeout``.
+        VersionMismatch: ``python`` runs another Python or offload version.
+        ValueError, TypeError: an option is invalid.
+    """
+    opts = make_options(**options)
+    return Worker(opts.with_name(opts.name))
+
+
+_delegate_defaults: dict[str, Any] = {}
+
+
+def set_delegate_defaults(**options: Any) -> None:
+    """Options every :func:`delegate` call uses (set by ``offload.init``)."""
+    _delegate_defaults.clear()
+    _delegate_defaults.update(options)
+
+
+def delegate(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """Start ``fn(*args, **kwargs)`` at once in a fresh worker process of its own
+    (Procord's ``delegate``); the process exits when the call is done.
+
+    Use a :class:`~offload.Pool` to reuse processes across calls.
+
+    Returns:
+        The call's future.
+    """
+    opts = make_options(**_delegate_defaults).with_name(None)
+    target, timeout, retries = call_settings(fn)
+    worker = Worker(opts, wait=False)
+    engine = worker._engine
+    engine.scheduler.max_tasks = 1
+    future = engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+    worker._finalizer.detach()
+    future.add_done_callback(lambda _: _shutdown_engine(engine))
+    return future

@@ -1,0 +1,1 @@
+"""Starting, watching, killing and reaping worker processes."""

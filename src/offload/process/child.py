@@ -1,0 +1,319 @@
+"""Starting, watching, killing and reaping worker processes.
+
+A worker is started in a new session (so it leads its own process group: killing the
+group kills the task's subprocesses too, and a Ctrl-C in the terminal reaches only the
+parent), with one end of a socketpair passed by number. Its stderr is always a pipe read
+by the I/O loop: the bytes are passed on as the ``stderr`` option says, and the last
+64 KiB are kept for crash reports. Its exit is observed through a pidfd on Linux (a
+waiter thread elsewhere), and the process is reaped as soon as it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from offload.transport.loop import Loop, Timer
+from offload.worker.runtime import SETTINGS_ENV, encode_settings
+
+log = logging.getLogger("offload")
+TAIL_LIMIT = 64 * 1024
+KILL_GRACE = 0.5  # seconds between SIGTERM and SIGKILL
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one worker process."""
+
+    name: str
+    start_method: str = "spawn"
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    umask: int | None = None
+    stdout: str = "inherit"
+    stderr: str = "inherit"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def worker_argv(spec: LaunchSpec) -> list[str]:
+    """The command line that starts a worker for ``spec.start_method``."""
+    if spec.start_method == "spawn":
+        # -c rather than -m: runpy's imports would cost every worker start-up time.
+        return [spec.python, "-c", "from offload.worker.runtime import run_worker; run_worker()"]
+    if spec.start_method == "reexec":
+        argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
+        if getattr(sys, "frozen", False):
+            argv[0] = sys.executable
+        return argv
+    raise ValueError(f"unknown start_method {spec.start_method!r}")
+
+
+class _Sink:
+    """Where a worker's stdout/stderr bytes go: passed through, prefixed, or a file."""
+
+    def __init__(self, mode: str, name: str, fd: int) -> None:
+        self.mode = mode
+        self.prefix = f"[{name}] ".encode()
+        self.fd = fd
+        self.file: IO[bytes] | None = None
+        self.partial = b""
+        if mode not in ("inherit", "devnull", "prefix"):
+            self.file = open(mode, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+
+    def write(self, data: bytes) -> None:
+        if self.mode == "devnull":
+            return
+        if self.file is not None:
+            self.file.write(data)
+            return
+        if self.mode == "prefix":
+            data = self.partial + data
+            lines = data.split(b"\n")
+            self.partial = lines.pop()
+            data = b"".join(self.prefix + line + b"\n" for line in lines)
+        _write_all(self.fd, data)
+
+    def close(self) -> None:
+        if self.mode == "prefix" and self.partial:
+            _write_all(self.fd, self.prefix + self.partial + b"\n")
+            self.partial = b""
+        if self.file is not None:
+            self.file.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        view = view[n:]
+
+
+class ChildProcess:
+    """A started worker process.
+
+    Attributes:
+        pid: its process id (also its process-group id).
+        name: the worker's name.
+        returncode: None while it runs; its exit status (negative: the signal) after.
+    """
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        spec: LaunchSpec,
+        loop: Loop,
+        on_exit: Callable[[ChildProcess], Any],
+    ) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.name = spec.name
+        self.loop = loop
+        self.returncode: int | None = None
+        self._on_exit = on_exit
+        self._tail = bytearray()
+        self._pipes: dict[int, tuple[IO[bytes], _Sink, bool]] = {}
+        self._kill_timer: Timer | None = None
+        self._pidfd: int | None = None
+        self.exited = threading.Event()
+        if popen.stderr is not None:
+            self._watch_pipe(popen.stderr, _Sink(spec.stderr, spec.name, 2), keep_tail=True)
+        if popen.stdout is not None:
+            self._watch_pipe(popen.stdout, _Sink(spec.stdout, spec.name, 1), keep_tail=False)
+        self._watch_exit()
+
+    # -- output pipes --------------------------------------------------------------------
+
+    def _watch_pipe(self, pipe: IO[bytes], sink: _Sink, keep_tail: bool) -> None:
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+        self._pipes[fd] = (pipe, sink, keep_tail)
+        self.loop.add_reader(fd, lambda: self._read_pipe(fd))
+
+    def _read_pipe(self, fd: int) -> None:
+        _, sink, keep_tail = self._pipes[fd]
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_pipe(fd)
+                return
+            if keep_tail:
+                self._tail += data
+                if len(self._tail) > TAIL_LIMIT:
+                    del self._tail[: len(self._tail) - TAIL_LIMIT]
+            try:
+                sink.write(data)
+            except OSError:
+                log.warning("offload: could not pass on output of %s", self.name)
+
+    def _close_pipe(self, fd: int) -> None:
+        entry = self._pipes.pop(fd, None)
+        if entry is None:
+            return
+        pipe, sink, _ = entry
+        self.loop.remove_reader(fd)
+        sink.close()
+        pipe.close()
+
+    def drain_output(self) -> None:
+        """Read whatever the process has written so far (it has exited: nothing more
+        comes from it, though grandchildren may still hold the pipe)."""
+        for fd in list(self._pipes):
+            self._read_pipe(fd)
+
+    def stderr_tail(self) -> str:
+        """The last (at most 64 KiB) text written to stderr."""
+        return self._tail.decode("utf-8", "replace")
+
+    # -- exit ----------------------------------------------------------------------------
+
+    def _watch_exit(self) -> None:
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self._pidfd = pidfd_open(self.pid)
+            except OSError:
+                self._pidfd = None
+        if self._pidfd is not None:
+            self.loop.add_reader(self._pidfd, self._on_pidfd)
+        else:
+            threading.Thread(
+                target=self._wait_thread, name=f"offload-wait-{self.pid}", daemon=True
+            ).start()
+
+    def _on_pidfd(self) -> None:
+        if self.popen.poll() is None:
+            return
+        assert self._pidfd is not None
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        self._exited()
+
+    def _wait_thread(self) -> None:
+        self.popen.wait()
+        self.loop.call_soon(self._exited)
+
+    def _exited(self) -> None:
+        self.returncode = self.popen.returncode
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        self.drain_output()
+        # Grandchildren may keep the pipes open; they are no longer this worker's output.
+        for fd in list(self._pipes):
+            self._close_pipe(fd)
+        self.exited.set()
+        self._on_exit(self)
+
+    # -- killing -------------------------------------------------------------------------
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the worker's process group (and stragglers that left it)."""
+        if self.returncode is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self, grace: float = KILL_GRACE) -> None:
+        """SIGTERM the process group now, SIGKILL it after ``grace`` seconds. Thread-safe."""
+
+        def start() -> None:
+            if self.returncode is not None or self._kill_timer is not None:
+                return
+            self._kill_descendants(signal.SIGTERM)
+            self.signal_group(signal.SIGTERM)
+            self.signal_group(signal.SIGCONT)  # a stopped process must see the SIGTERM
+            self._kill_timer = self.loop.call_later(grace, self.kill)
+
+        self.loop.call_soon(start)
+
+    def kill(self) -> None:
+        """SIGKILL the process group now."""
+        self._kill_descendants(signal.SIGKILL)
+        self.signal_group(signal.SIGKILL)
+
+    def _kill_descendants(self, sig: int) -> None:
+        # Subprocesses that moved to a session of their own escape killpg; find them.
+        try:
+            import psutil
+
+            children = psutil.Process(self.pid).children(recursive=True)
+        except Exception:  # noqa: BLE001 - the process may be gone already
+            return
+        for child in children:
+            try:
+                if os.getpgid(child.pid) != self.pid:
+                    child.send_signal(sig)
+            except (OSError, psutil.Error):
+                pass
+
+
+def launch(
+    spec: LaunchSpec, loop: Loop, on_exit: Callable[[ChildProcess], Any]
+) -> tuple[ChildProcess, socket.socket]:
+    """Start a worker process; return it and the parent's end of its socketpair.
+
+    Must run on the loop thread (see :mod:`offload.transport.loop`).
+
+    Raises:
+        OSError: the process could not be started (e.g. the interpreter does not exist).
+    """
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        settings = dict(spec.settings)
+        settings.update(
+            fd=child_sock.fileno(),
+            name=spec.name,
+            ppid=os.getpid(),
+            sys_path=[p for p in sys.path if p],
+        )
+        env = dict(os.environ)
+        env.update(spec.env)
+        env[SETTINGS_ENV] = encode_settings(settings)
+        stdout: Any = None
+        if spec.stdout == "devnull":
+            stdout = subprocess.DEVNULL
+        elif spec.stdout != "inherit":
+            stdout = subprocess.PIPE
+        popen = subprocess.Popen(
+            worker_argv(spec),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            pass_fds=(child_sock.fileno(),),
+            env=env,
+            cwd=spec.cwd,
+            umask=-1 if spec.umask is None else spec.umask,
+            start_new_session=True,
+        )
+    except BaseException:
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    return ChildProcess(popen, spec, loop, on_exit), parent_sock

@@ -1,0 +1,255 @@
+"""A sans-IO offload connection: bytes in, messages out; messages in, bytes out.
+
+Theory of operation
+-------------------
+Frames are ``length:u64 (network order) | body``. The length is checked against
+``max_message_size`` as soon as its 8 bytes arrive, before anything is buffered for the
+body, so a hostile length prefix (2**63) costs nothing.
+
+The connection has three states::
+
+    HANDSHAKE --(peer Hello, versions match)--> OPEN --(EOF / Goodbye / error)--> CLOSED
+
+1. Each side sends its :class:`Hello` first (``Connection.hello()``).
+2. On the peer's Hello, the offload version, the protocol version and the Python
+   major.minor are compared; any difference raises :class:`VersionMismatch` naming
+   both sides. Any other first message is a :class:`ProtocolError`.
+3. After that, every message type may flow in both directions.
+
+``next_event()`` returns a message, :data:`NEED_DATA` when more bytes are needed, or
+:data:`CLOSED` once the peer closed cleanly. Errors are raised as :class:`ProtocolError`
+and leave the connection CLOSED. There are no sockets, threads or clocks here.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+
+from offload._version import __version__
+from offload.errors import ProtocolError, VersionMismatch
+from offload.protocol.messages import (
+    PROTOCOL_VERSION,
+    Goodbye,
+    Hello,
+    Message,
+    decode_body,
+    encode_body,
+    message_size,
+)
+
+HEADER = struct.Struct("!Q")
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class Sentinel:
+    """Non-message results of :meth:`Connection.next_event` (compare with ``is``).
+
+    (Not an enum: a worker imports this at start-up, and ``enum`` costs milliseconds.)
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = Sentinel("NEED_DATA")
+CLOSED = Sentinel("CLOSED")
+
+
+class State:
+    """Where a connection is in its life (compare with ``is``)."""
+
+    __slots__ = ("name",)
+    HANDSHAKE: State
+    OPEN: State
+    CLOSED: State
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"State.{self.name}"
+
+
+State.HANDSHAKE = State("HANDSHAKE")
+State.OPEN = State("OPEN")
+State.CLOSED = State("CLOSED")
+
+
+def versions() -> tuple[str, int, str]:
+    """This side's (offload, protocol, python) versions."""
+    return (__version__, PROTOCOL_VERSION, PYTHON_VERSION)
+
+
+class Connection:
+    """One end of an offload connection, with no I/O.
+
+    Args:
+        role: ``"client"``, ``"worker"`` or ``"server"`` (sent in our Hello).
+        name: our name, for the peer's logs and errors.
+        pid: our process id.
+        slots: calls we run at once (0 for clients).
+        max_message_size: the largest frame body we accept or send.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        *,
+        name: str = "",
+        pid: int = 0,
+        slots: int = 0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.role = role
+        self.name = name
+        self.pid = pid
+        self.slots = slots
+        self.max_message_size = max_message_size
+        self.state = State.HANDSHAKE
+        self.peer: Hello | None = None
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+
+    # -- sending -------------------------------------------------------------------------
+
+    def hello(self) -> list[bytes | bytearray | memoryview]:
+        """Our Hello frame; send it first."""
+        offload_version, protocol_version, python_version = versions()
+        msg = Hello(
+            role=self.role,
+            offload_version=offload_version,
+            protocol_version=protocol_version,
+            python_version=python_version,
+            pid=self.pid,
+            name=self.name,
+            slots=self.slots,
+        )
+        return self._frame(msg)
+
+    def send(self, msg: Message) -> list[bytes | bytearray | memoryview]:
+        """Encode one message as frame chunks.
+
+        Raises:
+            ProtocolError: the encoded message would exceed ``max_message_size``
+                (callers check :meth:`fits` first to turn this into a per-call error).
+        """
+        if self.state is State.CLOSED:
+            raise ProtocolError("send on a closed connection")
+        if isinstance(msg, Goodbye):
+            self.state = State.CLOSED
+        return self._frame(msg)
+
+    def fits(self, msg: Message) -> bool:
+        """Whether ``msg`` is within ``max_message_size``."""
+        return message_size(msg) <= self.max_message_size
+
+    def _frame(self, msg: Message) -> list[bytes | bytearray | memoryview]:
+        chunks = encode_body(msg)
+        size = sum(memoryview(c).nbytes for c in chunks)
+        if size > self.max_message_size:
+            raise ProtocolError(
+                f"{type(msg).__name__} of {size} bytes exceeds max_message_size "
+                f"({self.max_message_size})"
+            )
+        if len(chunks) == 1 and isinstance(chunks[0], bytearray):
+            chunks[0][0:0] = HEADER.pack(size)  # one contiguous write for small messages
+            return chunks
+        return [HEADER.pack(size), *chunks]
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its end."""
+        if not data:
+            self._eof = True
+            return
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Message | Sentinel:
+        """The next complete message, NEED_DATA, or CLOSED.
+
+        Raises:
+            ProtocolError: malformed frame, oversized frame, or a handshake violation.
+            VersionMismatch: the peer's Hello names other versions.
+        """
+        if self.state is State.CLOSED:
+            return CLOSED
+        try:
+            msg = self._next_message()
+            if isinstance(msg, Message) and self.state is State.HANDSHAKE:
+                self._check_hello(msg)
+                self.state = State.OPEN
+                return msg
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+        if msg is NEED_DATA:
+            if self._eof:
+                self.state = State.CLOSED
+                if self._pos < len(self._buf):
+                    raise ProtocolError(
+                        f"connection closed inside a frame "
+                        f"({len(self._buf) - self._pos} bytes of it received)"
+                    )
+                return CLOSED
+            return NEED_DATA
+        assert isinstance(msg, Message)
+        if isinstance(msg, Goodbye):
+            self.state = State.CLOSED
+        return msg
+
+    def _next_message(self) -> Message | Sentinel:
+        available = len(self._buf) - self._pos
+        if available < HEADER.size:
+            return NEED_DATA
+        (size,) = HEADER.unpack_from(self._buf, self._pos)
+        if size > self.max_message_size:
+            raise ProtocolError(
+                f"peer sent a frame of {size} bytes; max_message_size is {self.max_message_size}"
+            )
+        if available < HEADER.size + size:
+            return NEED_DATA
+        start = self._pos + HEADER.size
+        self._pos = start + size
+        # Copy the body out so buffers handed to pickle stay valid after compaction.
+        with memoryview(self._buf) as view:
+            body = memoryview(bytes(view[start : self._pos]))
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 1 << 20:
+            del self._buf[: self._pos]
+            self._pos = 0
+        return decode_body(body)
+
+    def _check_hello(self, msg: Message) -> None:
+        if not isinstance(msg, Hello):
+            raise ProtocolError(f"expected Hello first, got {type(msg).__name__}")
+        mine = versions()
+        theirs = (msg.offload_version, msg.protocol_version, msg.python_version)
+        if mine != theirs:
+            raise VersionMismatch(
+                f"version mismatch: this side ({self.role}) runs offload {mine[0]}, "
+                f"protocol {mine[1]}, Python {mine[2]}; the {msg.role} {msg.name!r} "
+                f"(pid {msg.pid}) runs offload {theirs[0]}, protocol {theirs[1]}, "
+                f"Python {theirs[2]}",
+                local=mine,
+                remote=theirs,
+            )
+        self.peer = msg
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._buf) - self._pos

@@ -1,0 +1,226 @@
+"""The process-wide I/O loop: one daemon thread, ``offload-io``, that waits on sockets,
+pipes and process handles (pidfds), and runs timers.
+
+Why one thread: every worker connection, stderr pipe and exit notification of the
+process is multiplexed here, so a pool of 64 workers costs one thread, not 192. Callbacks
+run on the loop thread and must not block; blocking work (waiting for a result) happens
+in the caller's thread.
+
+Worker processes are also started from this thread (:meth:`Loop.run_sync`): on Linux a
+child's parent-death signal fires when the *thread* that forked it exits, so children
+must be forked by a thread that lives as long as the process.
+
+The clock is injectable (``Loop(clock=...)``) for tests of timer logic.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("offload")
+T = TypeVar("T")
+
+
+class Timer:
+    """A scheduled callback; :meth:`cancel` stops it from running."""
+
+    __slots__ = ("args", "callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Do not run this timer (idempotent, callable from any thread)."""
+        self.cancelled = True
+
+
+class Loop:
+    """A selector loop on its own daemon thread.
+
+    Args:
+        clock: a monotonic clock in seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._woken = False
+        self._thread = threading.Thread(target=self._run, name="offload-io", daemon=True)
+        self._thread.start()
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def in_loop(self) -> bool:
+        """Whether the caller runs on the loop thread."""
+        return threading.current_thread() is self._thread
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop thread, soon. Thread-safe."""
+        with self._lock:
+            self._ready.append((callback, args))
+            wake = not self._woken and not self.in_loop()
+            self._woken = self._woken or wake
+        if wake:
+            self._wake()
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        """Run ``callback(*args)`` on the loop thread at ``clock() >= when``. Thread-safe."""
+        timer = Timer(when, callback, args)
+        with self._lock:
+            heapq.heappush(self._timers, (when, next(self._seq), timer))
+            first = self._timers[0][2] is timer
+            wake = first and not self._woken and not self.in_loop()
+            self._woken = self._woken or wake
+        if wake:
+            self._wake()
+        return timer
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        """Run ``callback(*args)`` on the loop thread after ``delay`` seconds."""
+        return self.call_at(self.clock() + delay, callback, *args)
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the loop thread and return its result (or raise)."""
+        if self.in_loop():
+            return fn(*args)
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box.append((False, exc))
+            done.set()
+
+        self.call_soon(run)
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
+
+        def register() -> None:
+            self._selector.register(fd, selectors.EVENT_READ, callback)
+
+        self.run_sync(register)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` (call before closing it). Idempotent."""
+
+        def unregister() -> None:
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+        self.run_sync(unregister)
+
+    def owned_fds(self) -> set[int]:
+        """The file descriptors the loop itself keeps open for its lifetime."""
+        fds = {self._wake_r, self._wake_w}
+        fileno = getattr(self._selector, "fileno", None)
+        if fileno is not None:
+            fds.add(fileno())
+        return fds
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        while True:
+            timeout: float | None = None
+            with self._lock:
+                if self._ready:
+                    timeout = 0.0
+                elif self._timers:
+                    timeout = max(0.0, self._timers[0][0] - self.clock())
+            events = self._selector.select(timeout)
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._invoke(key.data, ())
+            now = self.clock()
+            with self._lock:
+                self._woken = False
+                due: list[Timer] = []
+                while self._timers and self._timers[0][0] <= now:
+                    due.append(heapq.heappop(self._timers)[2])
+                ready = list(self._ready)
+                self._ready.clear()
+            for timer in due:
+                if not timer.cancelled:
+                    self._invoke(timer.callback, timer.args)
+            for callback, args in ready:
+                self._invoke(callback, args)
+
+    @staticmethod
+    def _invoke(callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("offload: an I/O loop callback failed")
+
+
+_loop: Loop | None = None
+_loop_lock = threading.Lock()
+
+
+def get_loop() -> Loop:
+    """The process-wide loop, started on first use."""
+    global _loop
+    loop = _loop
+    if loop is None:
+        with _loop_lock:
+            if _loop is None:
+                _loop = Loop()
+            loop = _loop
+    return loop
+
+
+def owned_fds() -> set[int]:
+    """The loop's own fds (empty when it has not started); for leak checks in tests."""
+    return _loop.owned_fds() if _loop is not None else set()
+
+
+def _after_fork_in_child() -> None:
+    # The loop thread does not exist in a forked child; start afresh on first use.
+    global _loop, _loop_lock
+    _loop = None
+    _loop_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

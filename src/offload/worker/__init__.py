@@ -1,0 +1,1 @@
+"""The worker side: what runs inside a worker process. Imports nothing from the client."""

@@ -1,0 +1,427 @@
+"""The code that runs inside a worker process.
+
+Theory of operation
+-------------------
+The parent starts the worker with one end of a socketpair (its number and the worker's
+settings are in the ``OFFLOAD_WORKER`` environment variable, as JSON). That socket carries
+only protocol frames; the worker's stdout and stderr are separate, so nothing a task
+prints can corrupt the channel.
+
+1. The worker applies its settings (``sys.path``, process title, faulthandler), imports
+   the ``preload`` modules and sends its :class:`Hello`.
+2. A reader thread decodes frames. ``Call`` messages go to a FIFO queue that
+   ``concurrency`` executor threads drain (the main thread is one of them, so tasks
+   that install signal handlers work). ``Ping`` is answered at once by the reader.
+3. Each call is unpickled, run and answered with a ``Result``. Calls *start* in the
+   order they arrived: the client relies on that to know which calls were running
+   when a worker dies.
+4. ``Shutdown`` is queued behind the calls already received, so they finish first; the
+   worker then exits with status 0.
+5. End of file on the socket means the parent is gone (or gave up on us): the worker kills
+   its whole process group at once, so a task's subprocesses die with it. The parent-death
+   signal (Linux) covers the parent dying before the reader notices.
+
+The worker imports nothing from the client side.
+"""
+
+from __future__ import annotations
+
+import _signal  # not `signal`: it imports enum, which costs a worker ~2 ms at start-up
+import _thread
+import os
+import sys
+from _queue import SimpleQueue
+
+from offload import protocol as p
+from offload.errors import ProtocolError
+from offload.serde import dumps, loads, type_name
+
+TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+
+SETTINGS_ENV = "OFFLOAD_WORKER"
+INIT_KIND = 2  # Call.kind for the initializer, sent before any user call
+_READ_SIZE = 1 << 18
+_STOP = object()
+
+_current = _thread._local()
+
+
+def report(value: Any) -> None:
+    """Inside a task: publish ``value`` as the progress of the running call.
+
+    The client's ``fut.progress()`` returns the latest value and
+    ``fut.add_progress_callback(cb)`` sees every one. Outside a worker this does nothing.
+    """
+    runtime: Runtime | None = getattr(_current, "runtime", None)
+    if runtime is None:
+        return
+    data, buffers = dumps(value)
+    runtime.send(p.Progress(call_id=_current.call_id, payload=data, buffers=tuple(buffers)))
+
+
+def current_worker_name() -> str | None:
+    """The name of this worker process, or None outside a worker."""
+    runtime = _runtime
+    return runtime.name if runtime is not None else None
+
+
+_runtime: Runtime | None = None
+
+
+class Runtime:
+    """One worker process's loop: reader thread, executor threads, result sender."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.fd: int = settings["fd"]
+        self.name: str = settings.get("name", "offload-worker")
+        self.concurrency: int = max(1, int(settings.get("concurrency", 1)))
+        self.max_message_size: int = int(settings.get("max_message_size", 1 << 30))
+        self.heartbeat: list[float] | None = settings.get("heartbeat")
+        self.shutdown_on: str = settings.get("shutdown_on", "parent_exit")
+        self.parent_pid: int = int(settings.get("ppid", 0))
+        self.conn = p.Connection(
+            "worker",
+            name=self.name,
+            pid=os.getpid(),
+            slots=self.concurrency,
+            max_message_size=self.max_message_size,
+        )
+        self.queue: SimpleQueue[Any] = SimpleQueue()
+        self.cancelled: set[int] = set()
+        self._send_lock = _thread.allocate_lock()
+        self._closed = False
+
+    # -- output --------------------------------------------------------------------------
+
+    def send(self, msg: p.Message) -> None:
+        """Send one message; safe from any thread."""
+        with self._send_lock:
+            if self._closed:
+                return
+            self._write(self.conn.send(msg))
+
+    def _write(self, chunks: list[Any]) -> None:
+        views = [memoryview(c).cast("B") for c in chunks]
+        while views:
+            try:
+                n = os.writev(self.fd, views)
+            except InterruptedError:
+                continue
+            except OSError:
+                self._closed = True  # parent gone; the reader will notice EOF
+                return
+            while n and views:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    # -- input ---------------------------------------------------------------------------
+
+    @property
+    def inline(self) -> bool:
+        """Run calls on the thread that reads the socket (no thread hand-off per call).
+
+        Possible when calls run one at a time and nothing must be answered while a call
+        runs (no heartbeat): parent death during a call is then caught by the
+        parent-death signal, and calls that arrive meanwhile wait in the socket buffer.
+        """
+        return self.concurrency == 1 and not self.heartbeat
+
+    def read_batch(self, timeout: float | None = None) -> list[p.Message]:
+        """Block until at least one frame arrives; return the complete messages.
+
+        Ends the process when the client is gone or breaks the protocol.
+        """
+        while True:
+            if timeout is not None:
+                import select
+
+                ready, _, _ = select.select([self.fd], [], [], timeout)
+                if not ready:
+                    self.die("no heartbeat from the client")
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            self.conn.receive_data(data)
+            batch: list[p.Message] = []
+            while True:
+                try:
+                    msg = self.conn.next_event()
+                except ProtocolError:
+                    self.die("protocol error from the client")
+                if msg is p.NEED_DATA:
+                    return batch
+                if msg is p.CLOSED:
+                    self.die("the client closed the connection")
+                assert isinstance(msg, p.Message)
+                batch.append(msg)
+
+    def read_loop(self) -> None:
+        """Reader thread (threaded mode): route frames to the executors. Never returns."""
+        timeout = None
+        if self.heartbeat and self.shutdown_on == "heartbeat_timeout":
+            timeout = float(self.heartbeat[1])
+        while True:
+            for msg in self.read_batch(timeout):
+                self.dispatch(msg)
+
+    def inline_loop(self) -> None:
+        """Inline mode: read and run calls on this thread; returns on Shutdown."""
+        while True:
+            for msg in self.read_batch():
+                if isinstance(msg, p.Call):
+                    if msg.call_id in self.cancelled:
+                        self.cancelled.discard(msg.call_id)
+                        continue
+                    self.send(self.run(msg))
+                elif isinstance(msg, p.Shutdown):
+                    return
+                else:
+                    self.dispatch(msg)
+
+    def dispatch(self, msg: Any) -> None:
+        match msg:
+            case p.Call():
+                self.queue.put(msg)
+            case p.Ping(seq=seq):
+                self.send(p.Pong(seq=seq))
+            case p.Cancel(call_id=call_id):
+                self.cancelled.add(call_id)
+            case p.Shutdown():
+                for _ in range(self.concurrency):  # one per executor thread, behind the calls
+                    self.queue.put(_STOP)
+            case p.Goodbye():
+                self.die("the client said goodbye")
+            case _:
+                pass  # Hello (handled by Connection), Pong and channel traffic
+
+    def die(self, why: str) -> NoReturn:
+        """The parent is gone: end this worker and everything it started, now."""
+        self._closed = True
+        try:
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpid(), _signal.SIGKILL)
+        finally:
+            os._exit(1)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def execute_loop(self) -> None:
+        """Executor thread: run queued calls in arrival order until told to stop."""
+        while True:
+            call = self.queue.get()
+            if call is _STOP:
+                return
+            if call.call_id in self.cancelled:
+                self.cancelled.discard(call.call_id)
+                continue
+            self.send(self.run(call))
+
+    def run(self, call: p.Call) -> p.Result:
+        """Run one call and build its Result. Never raises."""
+        try:
+            if call.kind == p.BY_NAME:
+                from offload.tasks import lookup
+
+                task = lookup(call.target)
+                if task is None:
+                    return p.Result(
+                        call_id=call.call_id, status=p.UNKNOWN_TASK, type_name=call.target
+                    )
+                args, kwargs = loads(call.payload, call.buffers)
+                fn: Callable[..., Any] = task
+            else:
+                fn, args, kwargs = loads(call.payload, call.buffers)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in __reduce__ included
+            return p.Result(
+                call_id=call.call_id,
+                status=p.BAD_ARGUMENT,
+                type_name=type_name(exc),
+                message=f"the call's arguments could not be unpickled in the worker: "
+                f"{type_name(exc)}: {exc}",
+                traceback=_format(exc),
+            )
+        _current.runtime = self
+        _current.call_id = call.call_id
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the task's exception, whatever it is
+            return self._raised(call.call_id, exc)
+        finally:
+            _current.runtime = None
+            del args, kwargs, fn
+            _flush_stdio()
+        try:
+            data, buffers = dumps(value)
+        except BaseException as exc:  # noqa: BLE001
+            return p.Result(
+                call_id=call.call_id,
+                status=p.BAD_RESULT,
+                type_name=type_name(value),
+                message=f"the result of type {type_name(value)} could not be pickled: "
+                f"{type_name(exc)}: {exc}",
+                traceback=_format(exc),
+            )
+        result = p.Result(call_id=call.call_id, status=p.OK, payload=data, buffers=tuple(buffers))
+        if not self.conn.fits(result):
+            size = sum(memoryview(b).nbytes for b in buffers) + len(data)
+            return p.Result(
+                call_id=call.call_id,
+                status=p.BAD_RESULT,
+                type_name=type_name(value),
+                message=f"the result ({type_name(value)}, {size} bytes pickled) exceeds "
+                f"max_message_size ({self.max_message_size} bytes)",
+            )
+        return result
+
+    def _raised(self, call_id: int, exc: BaseException) -> p.Result:
+        tb = _format(exc, skip=1)
+        try:
+            data, buffers = dumps(exc)
+            loads(data, buffers)  # an exception that cannot be rebuilt travels as text
+        except BaseException:  # noqa: BLE001
+            data, buffers = b"", []
+        return p.Result(
+            call_id=call_id,
+            status=p.RAISED,
+            type_name=type_name(exc),
+            message=_safe_str(exc),
+            traceback=tb,
+            payload=data,
+            buffers=tuple(buffers),
+        )
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001
+        return f"<unprintable {type_name(exc)}>"
+
+
+def _format(exc: BaseException, skip: int = 0) -> str:
+    import traceback
+
+    tb = exc.__traceback__
+    for _ in range(skip):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:  # noqa: BLE001
+        return f"{type_name(exc)}: <traceback unavailable>"
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _set_title(name: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """Linux: have the kernel send SIGTERM when the parent dies (backup for the lifeline)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, _signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent_pid and os.getppid() != parent_pid:
+        os.killpg(os.getpid(), _signal.SIGKILL) if os.getpgrp() == os.getpid() else os._exit(1)
+
+
+def encode_settings(settings: dict[str, Any]) -> str:
+    """Worker settings as an environment-variable value (hex of a pickle: decoding it
+    needs nothing the worker does not import anyway)."""
+    import _pickle
+
+    return _pickle.dumps(settings, 4).hex()
+
+
+def decode_settings(text: str) -> dict[str, Any]:
+    """The inverse of :func:`encode_settings`."""
+    import _pickle
+
+    settings: dict[str, Any] = _pickle.loads(bytes.fromhex(text))
+    return settings
+
+
+def run_worker(settings: dict[str, Any] | None = None) -> NoReturn:
+    """Run this process as a worker until told to stop; never returns.
+
+    Args:
+        settings: the worker settings; read from ``OFFLOAD_WORKER`` when omitted.
+    """
+    global _runtime
+    if settings is None:
+        settings = decode_settings(os.environ.pop(SETTINGS_ENV))
+    os.set_inheritable(settings["fd"], False)  # tasks' subprocesses must not hold it
+    for entry in reversed(settings.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    import faulthandler
+
+    faulthandler.enable()
+    name = settings.get("name", "offload-worker")
+    _set_title(name)
+    runtime = _runtime = Runtime(settings)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        runtime.die("SIGTERM")
+
+    _signal.signal(_signal.SIGTERM, on_sigterm)
+    if sys.stdout is not None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    for module in settings.get("preload", []):
+        __import__(module)
+    runtime._write(runtime.conn.hello())
+
+    if settings.get("shutdown_on", "parent_exit") != "explicit":
+        _set_parent_death_signal(runtime.parent_pid)
+    if runtime.inline:
+        runtime.inline_loop()
+    else:
+        import threading
+
+        threading.Thread(
+            target=runtime.read_loop, name="offload-worker-reader", daemon=True
+        ).start()
+        helpers = [
+            threading.Thread(target=runtime.execute_loop, name=f"offload-exec-{i}", daemon=True)
+            for i in range(1, runtime.concurrency)
+        ]
+        for t in helpers:
+            t.start()
+        runtime.execute_loop()  # returns on Shutdown
+        for t in helpers:
+            t.join()
+    _flush_stdio()
+    with runtime._send_lock:
+        runtime._write(runtime.conn.send(p.Goodbye(reason="shutdown")))
+        runtime._closed = True
+    os._exit(0)
