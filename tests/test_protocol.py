@@ -472,7 +472,6 @@ BAD_FIRST_MESSAGES = [
 ]
 
 
-
 @pytest.mark.parametrize("first", BAD_FIRST_MESSAGES)
 def test_handshake_error_closes_the_connection(first: Message) -> None:
     conn = Connection("client")
@@ -481,7 +480,6 @@ def test_handshake_error_closes_the_connection(first: Message) -> None:
         conn.next_event()
     assert conn.state is State.CLOSED
     assert conn.next_event() is CLOSED
-
 
 
 @pytest.mark.parametrize("first", BAD_FIRST_MESSAGES)
