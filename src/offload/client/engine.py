@@ -53,6 +53,10 @@ from offload.worker.runtime import INIT_KIND
 
 log = logging.getLogger("offload")
 log.addHandler(logging.NullHandler())  # a library stays quiet unless configured
+# How long a waiting thread reads a worker's socket itself before leaving it to the
+# loop thread: long enough for a short call's answer, short enough that a result
+# resolved another way (timeout, kill) is noticed without delay worth measuring.
+PUMP_WINDOW = 0.002
 _call_ids = itertools.count(1)
 
 
@@ -337,7 +341,14 @@ class WorkerProcess:
     def send_calls(self, calls: list[p.Call]) -> None:
         """Write calls to the worker (any thread; the engine lock orders them)."""
         if self.channel is not None:
-            self.channel.send_many(list(calls))
+            self.channel.send_many(calls)
+
+    def pump(self, future: Future[Any]) -> None:
+        """Let a thread waiting on ``future`` read this worker's answers itself for a
+        moment: a short call's result then skips the hand-off from the loop thread."""
+        channel = self.channel
+        if channel is not None:
+            channel.pump(future.done, PUMP_WINDOW)
 
     # -- ending --------------------------------------------------------------------------
 
@@ -440,6 +451,9 @@ class Engine:
         self._timer: Timer | None = None
         self._timer_at: float | None = None
         self._ready_events: dict[int, threading.Event] = {}
+        self._waiting_call = 0  # a call whose submitter will block on it (lock held)
+        self._killed_pids: dict[int, tuple[int, int | None]] = {}  # slot -> (gen, pid)
+        self._claimed: Channel | None = None  # channel that submitter now reads
         self._last_start_error: dict[int, OffloadError] = {}
 
     # -- user-facing operations ----------------------------------------------------------
@@ -458,8 +472,12 @@ class Engine:
         *,
         timeout: float | None = None,
         retries: int = 0,
+        wait: bool = False,
     ) -> Future[Any]:
         """Queue a call; the returned future always resolves.
+
+        With ``wait``, the caller is about to block on the result: if the call goes to a
+        worker at once, this thread reads the answer itself (see ``Channel.claim``).
 
         Raises:
             RuntimeError: after shutdown.
@@ -513,10 +531,14 @@ class Engine:
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
             self.records[call_id] = record
+            self._waiting_call = call_id if wait else 0
             deferred = self._apply(
                 self.scheduler.submit(call_id, timeout, retries, self.loop.clock())
             )
+            claimed, self._claimed = self._claimed, None
         self._resolve(deferred)
+        if claimed is not None:
+            claimed.pump_claimed(future.done, PUMP_WINDOW)
         return future
 
     def cancel(self, call_id: int) -> bool:
@@ -752,7 +774,13 @@ class Engine:
                     messages = []
                     for call_id in call_ids:
                         record = self.records[call_id]
-                        record.future.set_running_or_notify_cancel()
+                        if not record.future.running():  # a requeued call is running already
+                            record.future.set_running_or_notify_cancel()
+                        if proc is not None:
+                            record.future._pump = proc.pump
+                            channel = proc.channel
+                            if call_id == self._waiting_call and channel and channel.claim():
+                                self._claimed = channel
                         messages.append(record.message)
                     if proc is not None:
                         proc.send_calls(messages)
@@ -766,6 +794,7 @@ class Engine:
                 case KillWorker(slot=slot, gen=gen, reason=reason):
                     proc = self.procs.get((slot, gen))
                     if proc is not None:
+                        self._killed_pids[slot] = (gen, proc.pid)
                         proc.kill(reason)
                 case StopWorker(slot=slot, gen=gen):
                     proc = self.procs.get((slot, gen))
@@ -796,11 +825,6 @@ class Engine:
                 continue
             self.stats_failed += 1
             record.future._resolve_exception(self._error_for(record, res), task_raised=False)
-
-    def _proc_for(self, slot: int | None) -> WorkerProcess | None:
-        if slot is None:
-            return None
-        return self.current.get(slot)
 
     def _error_for(self, record: CallRecord, res: Resolve) -> OffloadError:
         call = record.describe()
@@ -844,7 +868,13 @@ class Engine:
         return cause.crashed(call)
 
     def _pid_hint(self, res: Resolve) -> int | None:
-        proc = self._proc_for(res.slot)
+        """The pid of the process the call ran on (it may be replaced already)."""
+        if res.slot is None:
+            return None
+        killed = self._killed_pids.get(res.slot)
+        if killed is not None and killed[0] == res.gen:
+            return killed[1]
+        proc = self.procs.get((res.slot, res.gen))
         return proc.pid if proc is not None else None
 
     def _deliver(self, record: CallRecord, msg: p.Result, proc: WorkerProcess) -> None:

@@ -72,6 +72,9 @@ class Future(concurrent.futures.Future[T]):
         super().__init__()
         self._killer: Callable[[], bool] | None = None
         self._canceller: Callable[[], bool] | None = None
+        # Set while the call is on a worker: reads the worker's answer on the waiting
+        # thread (see offload.transport.channel.Channel.pump).
+        self._pump: Callable[[Future[Any]], None] | None = None
         self._task_raised = False
         self._progress: Any = None
         self._progress_callbacks: list[Callable[[Any], Any]] = []
@@ -91,6 +94,25 @@ class Future(concurrent.futures.Future[T]):
         if isinstance(exc, ExecutionError) and not self._task_raised:
             return Failed(exc)
         return Raised(exc)
+
+    def result(self, timeout: float | None = None) -> T:
+        """The call's value; raises the task's exception or an offload error.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (the call goes on).
+            concurrent.futures.CancelledError: the call was cancelled.
+        """
+        pump = self._pump
+        if pump is not None and not self.done():
+            pump(self)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception the call failed with, or None if it succeeded."""
+        pump = self._pump
+        if pump is not None and not self.done():
+            pump(self)
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         """Cancel the call if it has not been sent to a worker yet.

@@ -102,6 +102,7 @@ class Resolve:
     outcome: Outcome
     slot: int | None = None
     cause: Any = None
+    gen: int = 0  # the generation of the process the call was on
 
 
 Action = StartWorker | SendCalls | KillWorker | StopWorker | Resolve
@@ -434,7 +435,7 @@ class Scheduler:
                 retry.append(call_id)
             else:
                 del self.calls[call_id]
-                actions.append(Resolve(call_id, outcome, slot.index, cause))
+                actions.append(Resolve(call_id, outcome, slot.index, cause, slot.gen))
         self._requeue_front(retry + waiting)
         slot.outstanding.clear()
         slot.state = SlotState.EMPTY
@@ -464,7 +465,7 @@ class Scheduler:
         for call_id in running:
             if call_id in victims:
                 del self.calls[call_id]
-                actions.append(Resolve(call_id, outcome, slot.index, primary))
+                actions.append(Resolve(call_id, outcome, slot.index, primary, old_gen))
                 continue
             entry = self.calls[call_id]
             entry.attempts += 1
@@ -472,11 +473,11 @@ class Scheduler:
                 retry.append(call_id)
             else:
                 del self.calls[call_id]
-                actions.append(Resolve(call_id, Outcome.COLLATERAL, slot.index, primary))
+                actions.append(Resolve(call_id, Outcome.COLLATERAL, slot.index, primary, old_gen))
         if primary is not None and primary in waiting:  # killed before it started
             waiting.remove(primary)
             del self.calls[primary]
-            actions.append(Resolve(primary, outcome, slot.index, primary))
+            actions.append(Resolve(primary, outcome, slot.index, primary, old_gen))
         self._requeue_front(retry + waiting)
         slot.outstanding.clear()
         slot.state = SlotState.EMPTY

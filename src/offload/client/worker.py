@@ -107,7 +107,11 @@ class Worker:
 
     def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         """``submit(...).result()``: run the call and return its value (or raise)."""
-        return self.submit(fn, *args, **kwargs).result()
+        target, timeout, retries = call_settings(fn)
+        future = self._engine.submit(
+            target, args, kwargs, timeout=timeout, retries=retries, wait=True
+        )
+        return future.result()
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         """Finish the running and queued calls, then let the process exit.

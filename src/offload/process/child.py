@@ -200,6 +200,9 @@ class ChildProcess:
             ).start()
 
     def _on_pidfd(self) -> None:
+        # The worker is a zombie now, so its pid still names its process group: end
+        # whatever the task left running in it before the id can be reused.
+        self._kill_leftovers()
         if self.popen.poll() is None:
             return
         assert self._pidfd is not None
@@ -209,8 +212,16 @@ class ChildProcess:
         self._exited()
 
     def _wait_thread(self) -> None:
+        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        self._kill_leftovers()
         self.popen.wait()
         self.loop.call_soon(self._exited)
+
+    def _kill_leftovers(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _exited(self) -> None:
         self.returncode = self.popen.returncode

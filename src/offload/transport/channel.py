@@ -18,6 +18,8 @@ from offload import protocol as p
 from offload.errors import ProtocolError
 from offload.transport.loop import Loop
 
+# Reads go into one preallocated buffer per channel: a fresh 256 KiB bytes object per
+# read costs an mmap/munmap pair, more than the rest of a small call's round trip.
 _READ_SIZE = 1 << 18
 _IOV_MAX = 512
 
@@ -38,8 +40,11 @@ class Channel:
         self.on_message: Callable[[p.Message], Any] = lambda msg: None
         self.on_close: Callable[[BaseException | None], Any] = lambda err: None
         self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()  # whoever holds it reads: the loop or a waiter
         self._closed = False
         self._reading = False
+        self._read_buf = bytearray(_READ_SIZE)
+        self._read_view = memoryview(self._read_buf)
 
     def start(self) -> None:
         """Send our Hello and start reading on the loop."""
@@ -92,15 +97,77 @@ class Channel:
     # -- input ---------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        if not self._read_lock.acquire(blocking=False):
+            return  # a waiting caller is reading this socket itself (see pump)
         try:
-            data = self.sock.recv(_READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._feed(data)
+            if self._closed:
+                return
+            try:
+                n = self.sock.recv_into(self._read_buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            self._feed(self._read_view[:n] if n else b"")
+        finally:
+            self._read_lock.release()
 
-    def _feed(self, data: bytes) -> None:
+    def pump(self, done: Callable[[], bool], window: float) -> None:
+        """Read and dispatch messages on the calling thread until ``done()`` or
+        ``window`` seconds pass.
+
+        A thread blocked on a result calls this so that the answer is decoded where it
+        is awaited, without a hand-off from the loop thread (that hand-off costs more
+        than the rest of a round trip). It gives up at once if another thread is
+        reading, and leaves end-of-file to the loop, which owns the process's death.
+        """
+        if self.claim():
+            self.pump_claimed(done, window)
+
+    def claim(self) -> bool:
+        """Take over reading from the loop (before sending a call whose answer this
+        thread will wait for, so the loop cannot win the race for it). False if another
+        thread reads or the platform cannot pause the loop; then nothing was taken."""
+        if self._closed or not self._read_lock.acquire(blocking=False):
+            return False
+        if not self.loop.suspend_reader(self.sock.fileno()):
+            self._read_lock.release()
+            return False
+        return True
+
+    def pump_claimed(self, done: Callable[[], bool], window: float) -> None:
+        """:meth:`pump` after a successful :meth:`claim`; gives reading back after."""
+        try:
+            self._pump_locked(done, window)
+        finally:
+            if not self._closed:
+                self.loop.resume_reader(self.sock.fileno())
+            self._read_lock.release()
+
+    def _pump_locked(self, done: Callable[[], bool], window: float) -> None:
+        import select
+        import time
+
+        deadline = time.monotonic() + window
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        while not done() and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if not poller.poll(remaining * 1000.0):
+                return
+            try:
+                n = self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # the loop sees the failure too, and reports it
+            if not n:
+                return  # end of file: the loop handles the worker's exit
+            self._feed(self._read_view[:n])
+
+    def _feed(self, data: bytes | memoryview) -> None:
         self.conn.receive_data(data)
         while not self._closed:
             try:
@@ -119,19 +186,15 @@ class Channel:
     def drain(self) -> None:
         """Read and dispatch whatever the peer already sent, without blocking (used when
         its process has exited, so results written just before a crash are not lost)."""
-        if self._closed or not self._reading:
-            return
-        self.sock.setblocking(False)
-        while not self._closed:
-            try:
-                data = self.sock.recv(_READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            self._feed(data)
-        if not self._closed:
-            self.sock.setblocking(True)
+        with self._read_lock:
+            while not self._closed and self._reading:
+                try:
+                    n = self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    n = 0
+                self._feed(self._read_view[:n] if n else b"")
 
     def _finish(self, error: BaseException | None) -> None:
         if self._closed:

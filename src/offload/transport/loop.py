@@ -19,6 +19,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import selectors
 import threading
 import time
@@ -56,6 +57,10 @@ class Loop:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._selector = selectors.DefaultSelector()
+        # epoll lets another thread pause an fd cheaply (see suspend_reader).
+        self._epoll: Any = getattr(self._selector, "_selector", None)
+        if not isinstance(self._selector, getattr(selectors, "EpollSelector", ())):
+            self._epoll = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -138,6 +143,32 @@ class Loop:
                 pass
 
         self.run_sync(unregister)
+
+    def suspend_reader(self, fd: int) -> bool:
+        """Stop waking for ``fd`` without unregistering it. Any thread; cheap (one
+        ``epoll_ctl``). Returns False where the platform cannot do this (then the caller
+        must leave reading to the loop).
+
+        A callback already under way may still run once: callbacks that share their fd
+        with other threads must take the fd's own read lock.
+        """
+        epoll = self._epoll
+        if epoll is None:
+            return False
+        try:
+            epoll.modify(fd, 0)
+        except OSError:
+            return False
+        return True
+
+    def resume_reader(self, fd: int) -> None:
+        """Undo :meth:`suspend_reader`."""
+        epoll = self._epoll
+        if epoll is not None:
+            try:
+                epoll.modify(fd, select.EPOLLIN)
+            except OSError:
+                pass
 
     def owned_fds(self) -> set[int]:
         """The file descriptors the loop itself keeps open for its lifetime."""
