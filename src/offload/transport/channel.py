@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from offload import protocol as p
@@ -61,7 +61,7 @@ class Channel:
                 return False
             return self._write_locked(self.conn.send(msg))
 
-    def send_many(self, msgs: list[p.Message]) -> bool:
+    def send_many(self, msgs: Sequence[p.Message]) -> bool:
         """Write several messages in as few system calls as possible."""
         with self._send_lock:
             if self._closed:
