@@ -123,6 +123,15 @@ def _loop_owned_fds() -> set[int]:
     return {int(fd) for fd in owned_fds()}
 
 
+def _forkserver_templates() -> set[int]:
+    """offload's forkserver template processes: started once, shared, long-lived."""
+    try:
+        from offload.process import forkserver
+    except ImportError:
+        return set()
+    return forkserver.template_pids()
+
+
 def _is_zombie(proc: psutil.Process) -> bool:
     try:
         return proc.status() == psutil.STATUS_ZOMBIE
@@ -134,7 +143,10 @@ def _find_leaks(base: _Snapshot) -> _Leaks:
     leaks = _Leaks()
     # A new child that exited but was never waited for (a zombie) is a leak too:
     # the library must reap what it starts.
-    leaks.children = [p for p in _children() if p.pid not in base.children]
+    templates = _forkserver_templates()
+    leaks.children = [
+        p for p in _children() if p.pid not in base.children and p.pid not in templates
+    ]
     leaks.threads = [
         t
         for t in threading.enumerate()

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from offload.client.future import (
         Working as Working,
     )
+    from offload.client.pool import Pool as Pool
+    from offload.client.pool import PoolStats as PoolStats
     from offload.client.worker import Worker as Worker
     from offload.client.worker import delegate as delegate
     from offload.client.worker import spawn as spawn
@@ -96,6 +98,8 @@ _EXPORTS = {
     "Failed": "offload.client.future",
     "Cancelled": "offload.client.future",
     "Worker": "offload.client.worker",
+    "Pool": "offload.client.pool",
+    "PoolStats": "offload.client.pool",
     "spawn": "offload.client.worker",
     "delegate": "offload.client.worker",
     "init": "offload.program",
@@ -132,6 +136,8 @@ __all__ = [
     "Future",
     "NoWorkerAvailable",
     "OffloadError",
+    "Pool",
+    "PoolStats",
     "ProtocolError",
     "Raised",
     "RemoteError",

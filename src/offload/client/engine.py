@@ -423,7 +423,7 @@ class Engine:
         *,
         keep_warm: bool = False,
         max_start_failures: int = 3,
-        prefetch: int = 1,
+        prefetch: int | None = None,
         label: str = "",
         names: list[str] | None = None,
         loop: Loop | None = None,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-START_METHODS = ("spawn", "reexec")
+START_METHODS = ("spawn", "forkserver", "fork", "reexec")
 STDIO_MODES = ("inherit", "devnull", "prefix")
 SHUTDOWN_ON = ("parent_exit", "heartbeat_timeout", "explicit")
 

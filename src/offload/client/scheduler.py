@@ -154,7 +154,10 @@ class Scheduler:
     Args:
         slots: number of worker slots.
         concurrency: calls one worker runs at once.
-        prefetch: calls sent to a worker beyond those it is running, to hide latency.
+        prefetch: calls sent to a worker beyond those it is running, to hide latency;
+            None adapts it to how long calls take: deep pipelines for tiny calls (the
+            round trip would dominate), none for long ones (a call waiting behind a long
+            one on a busy worker could have run on an idle one).
         max_tasks: calls a process serves before it is replaced (None: unlimited).
         keep_warm: start processes before calls arrive (pools) rather than on demand
             (worker handles restart their process only when the next call comes).
@@ -168,7 +171,7 @@ class Scheduler:
         slots: int,
         *,
         concurrency: int = 1,
-        prefetch: int = 1,
+        prefetch: int | None = None,
         max_tasks: int | None = None,
         keep_warm: bool = True,
         max_start_failures: int = 3,
@@ -177,7 +180,8 @@ class Scheduler:
         if slots < 1 or concurrency < 1:
             raise ValueError("slots and concurrency must be >= 1")
         self.concurrency = concurrency
-        self.prefetch = max(0, prefetch)
+        self.fixed_prefetch = None if prefetch is None else max(0, prefetch)
+        self.avg_duration: float | None = None  # moving average of call durations
         self.max_tasks = max_tasks
         self.keep_warm = keep_warm
         self.max_start_failures = max_start_failures
@@ -295,6 +299,10 @@ class Scheduler:
         if slot.gen != gen or entry is None or entry.slot != slot_index:
             return []
         del self.calls[call_id]
+        if entry.started_at is not None:
+            took = now - entry.started_at
+            avg = self.avg_duration
+            self.avg_duration = took if avg is None else avg + 0.2 * (took - avg)
         try:
             slot.outstanding.remove(call_id)
         except ValueError:
@@ -488,6 +496,20 @@ class Scheduler:
         running = [c for c in slot.outstanding if self.calls[c].started_at is not None]
         waiting = [c for c in slot.outstanding if self.calls[c].started_at is None]
         return running, waiting
+
+    @property
+    def prefetch(self) -> int:
+        """Calls sent to a worker beyond the ones it runs (see the class docstring)."""
+        if self.fixed_prefetch is not None:
+            return self.fixed_prefetch
+        avg = self.avg_duration
+        if avg is None:
+            return self.concurrency
+        if avg < 0.0005:
+            return 32 * self.concurrency
+        if avg < 0.005:
+            return 2 * self.concurrency
+        return 0 if len(self.slots) > 1 else self.concurrency
 
     def _schedule(self, now: float) -> list[Action]:
         """Send queued calls to ready slots; start, stop and retire processes."""

@@ -113,34 +113,40 @@ class ChildProcess:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        pid: int,
         spec: LaunchSpec,
         loop: Loop,
         on_exit: Callable[[ChildProcess], Any],
+        *,
+        stderr_fd: int | None,
+        stdout_fd: int | None,
+        reap: Callable[[], int | None] | None,
     ) -> None:
-        self.popen = popen
-        self.pid = popen.pid
+        """``reap()`` collects the exit status without blocking (None: still running);
+        None when another process reaps it and calls :meth:`report_exit` (forkserver)."""
+        self.pid = pid
         self.name = spec.name
         self.loop = loop
         self.returncode: int | None = None
         self._on_exit = on_exit
+        self._reap = reap
         self._tail = bytearray()
-        self._pipes: dict[int, tuple[IO[bytes], _Sink, bool]] = {}
+        self._pipes: dict[int, tuple[int, _Sink, bool]] = {}
         self._kill_timer: Timer | None = None
         self._pidfd: int | None = None
         self.exited = threading.Event()
-        if popen.stderr is not None:
-            self._watch_pipe(popen.stderr, _Sink(spec.stderr, spec.name, 2), keep_tail=True)
-        if popen.stdout is not None:
-            self._watch_pipe(popen.stdout, _Sink(spec.stdout, spec.name, 1), keep_tail=False)
-        self._watch_exit()
+        if stderr_fd is not None:
+            self._watch_pipe(stderr_fd, _Sink(spec.stderr, spec.name, 2), keep_tail=True)
+        if stdout_fd is not None:
+            self._watch_pipe(stdout_fd, _Sink(spec.stdout, spec.name, 1), keep_tail=False)
+        if reap is not None:
+            self._watch_exit()
 
     # -- output pipes --------------------------------------------------------------------
 
-    def _watch_pipe(self, pipe: IO[bytes], sink: _Sink, keep_tail: bool) -> None:
-        fd = pipe.fileno()
+    def _watch_pipe(self, fd: int, sink: _Sink, keep_tail: bool) -> None:
         os.set_blocking(fd, False)
-        self._pipes[fd] = (pipe, sink, keep_tail)
+        self._pipes[fd] = (fd, sink, keep_tail)
         self.loop.add_reader(fd, lambda: self._read_pipe(fd))
 
     def _read_pipe(self, fd: int) -> None:
@@ -168,10 +174,10 @@ class ChildProcess:
         entry = self._pipes.pop(fd, None)
         if entry is None:
             return
-        pipe, sink, _ = entry
+        _, sink, _ = entry
         self.loop.remove_reader(fd)
         sink.close()
-        pipe.close()
+        os.close(fd)
 
     def drain_output(self) -> None:
         """Read whatever the process has written so far (it has exited: nothing more
@@ -203,19 +209,27 @@ class ChildProcess:
         # The worker is a zombie now, so its pid still names its process group: end
         # whatever the task left running in it before the id can be reused.
         self._kill_leftovers()
-        if self.popen.poll() is None:
+        assert self._reap is not None
+        code = self._reap()
+        if code is None:
             return
         assert self._pidfd is not None
         self.loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
-        self._exited()
+        self._exited(code)
 
     def _wait_thread(self) -> None:
         os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
         self._kill_leftovers()
-        self.popen.wait()
-        self.loop.call_soon(self._exited)
+        assert self._reap is not None
+        code = self._reap()
+        self.loop.call_soon(self._exited, code)
+
+    def report_exit(self, code: int) -> None:
+        """The process exited with ``code`` (reaped elsewhere). Loop thread."""
+        self._kill_leftovers()
+        self._exited(code)
 
     def _kill_leftovers(self) -> None:
         try:
@@ -223,8 +237,10 @@ class ChildProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _exited(self) -> None:
-        self.returncode = self.popen.returncode
+    def _exited(self, code: int | None) -> None:
+        if self.exited.is_set():
+            return
+        self.returncode = code if code is not None else -signal.SIGKILL
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         self.drain_output()
@@ -284,28 +300,35 @@ class ChildProcess:
                 pass
 
 
+def _settings(spec: LaunchSpec, fd: int, ppid: int) -> dict[str, Any]:
+    settings = dict(spec.settings)
+    settings.update(fd=fd, name=spec.name, ppid=ppid, sys_path=[p for p in sys.path if p])
+    return settings
+
+
 def launch(
     spec: LaunchSpec, loop: Loop, on_exit: Callable[[ChildProcess], Any]
 ) -> tuple[ChildProcess, socket.socket]:
     """Start a worker process; return it and the parent's end of its socketpair.
 
+    ``spawn`` and ``reexec`` start a fresh interpreter; ``fork`` forks this process;
+    ``forkserver`` asks the template process of :mod:`offload.process.forkserver`.
     Must run on the loop thread (see :mod:`offload.transport.loop`).
 
     Raises:
         OSError: the process could not be started (e.g. the interpreter does not exist).
     """
+    if spec.start_method == "fork":
+        return _launch_fork(spec, loop, on_exit)
+    if spec.start_method == "forkserver":
+        from offload.process.forkserver import launch_via_forkserver
+
+        return launch_via_forkserver(spec, loop, on_exit)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        settings = dict(spec.settings)
-        settings.update(
-            fd=child_sock.fileno(),
-            name=spec.name,
-            ppid=os.getpid(),
-            sys_path=[p for p in sys.path if p],
-        )
         env = dict(os.environ)
         env.update(spec.env)
-        env[SETTINGS_ENV] = encode_settings(settings)
+        env[SETTINGS_ENV] = encode_settings(_settings(spec, child_sock.fileno(), os.getpid()))
         stdout: Any = None
         if spec.stdout == "devnull":
             stdout = subprocess.DEVNULL
@@ -327,4 +350,110 @@ def launch(
         raise
     finally:
         child_sock.close()
-    return ChildProcess(popen, spec, loop, on_exit), parent_sock
+    # The loop owns the pipes' fds from here on (Popen must not close them).
+    stderr_fd = _take_fd(popen.stderr)
+    stdout_fd = _take_fd(popen.stdout)
+    child = ChildProcess(
+        popen.pid, spec, loop, on_exit, stderr_fd=stderr_fd, stdout_fd=stdout_fd, reap=popen.poll
+    )
+    return child, parent_sock
+
+
+def _take_fd(pipe: IO[bytes] | None) -> int | None:
+    if pipe is None:
+        return None
+    fd = os.dup(pipe.fileno())
+    pipe.close()
+    return fd
+
+
+def output_pipes(spec: LaunchSpec) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(stderr read, write) and, when the stdout mode needs one, (stdout read, write)."""
+    stderr_pipe = os.pipe()
+    stdout_pipe = os.pipe() if spec.stdout not in ("inherit", "devnull") else None
+    return stderr_pipe, stdout_pipe
+
+
+def become_worker(
+    spec: LaunchSpec,
+    sock_fd: int,
+    stderr_w: int,
+    stdout_w: int | None,
+    *,
+    ppid: int,
+    keep: tuple[int, ...] = (),
+) -> None:
+    """In a freshly forked child: set up stdio, session, directory and environment,
+    close every other inherited fd, and run the worker loop. Never returns."""
+    try:
+        os.setsid()
+        while sock_fd <= 2 or stderr_w <= 2 or (stdout_w is not None and stdout_w <= 2):
+            # A parent started with a closed stdio fd: move ours above 2 first.
+            sock_fd, stderr_w = os.dup(sock_fd), os.dup(stderr_w)
+            stdout_w = os.dup(stdout_w) if stdout_w is not None else None
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        if spec.stdout == "devnull":
+            os.dup2(devnull, 1)
+        elif stdout_w is not None:
+            os.dup2(stdout_w, 1)
+        os.dup2(stderr_w, 2)
+        _close_other_fds({0, 1, 2, sock_fd, *keep})
+        if spec.cwd is not None:
+            os.chdir(spec.cwd)
+        if spec.umask is not None:
+            os.umask(spec.umask)
+        os.environ.update(spec.env)
+        from offload.worker.runtime import run_worker
+
+        run_worker(_settings(spec, sock_fd, ppid))
+    except BaseException:  # noqa: BLE001 - a forked child must never return to the caller
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(70)
+
+
+def _close_other_fds(keep: set[int]) -> None:
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _launch_fork(
+    spec: LaunchSpec, loop: Loop, on_exit: Callable[[ChildProcess], Any]
+) -> tuple[ChildProcess, socket.socket]:
+    """``fork``: fork this very process (fast; unsafe if other threads hold locks)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    (err_r, err_w), out = output_pipes(spec)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()  # or the child would print the parent's buffered text again
+        except (OSError, ValueError):
+            pass
+    ppid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        become_worker(spec, child_sock.fileno(), err_w, out[1] if out else None, ppid=ppid)
+    child_sock.close()
+    os.close(err_w)
+    if out is not None:
+        os.close(out[1])
+
+    def reap() -> int | None:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if done else None
+
+    child = ChildProcess(
+        pid, spec, loop, on_exit, stderr_fd=err_r, stdout_fd=out[0] if out else None, reap=reap
+    )
+    return child, parent_sock

@@ -242,9 +242,25 @@ def get_loop() -> Loop:
     return loop
 
 
+_long_lived: set[int] = set()
+
+
+def keep_open(fd: int, keep: bool = True) -> None:
+    """Declare ``fd`` part of offload's process-wide machinery (a forkserver's control
+    socket): it lives as long as the process, like the loop's own fds."""
+    if keep:
+        _long_lived.add(fd)
+    else:
+        _long_lived.discard(fd)
+
+
 def owned_fds() -> set[int]:
-    """The loop's own fds (empty when it has not started); for leak checks in tests."""
-    return _loop.owned_fds() if _loop is not None else set()
+    """The fds of offload's process-wide machinery: the loop's (once started) and those
+    declared with :func:`keep_open`. For leak checks in tests."""
+    fds = set(_long_lived)
+    if _loop is not None:
+        fds |= _loop.owned_fds()
+    return fds
 
 
 def _after_fork_in_child() -> None:
@@ -252,6 +268,7 @@ def _after_fork_in_child() -> None:
     global _loop, _loop_lock
     _loop = None
     _loop_lock = threading.Lock()
+    _long_lived.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,398 @@
+"""``offload.Pool``: a ``concurrent.futures.Executor`` that never becomes "broken".
+
+A crashed, killed, timed-out or recycled worker fails only the calls it was running and
+is replaced; calls queue in the parent, at most ``workers x concurrency`` run at once.
+``map`` and ``imap_unordered`` pull their input lazily (bounded memory over huge or
+infinite iterables) and batch items automatically: the chunk size grows while chunks
+finish quickly, so tiny items are not dominated by round trips and long ones still
+spread over every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, overload
+
+from offload.client.engine import Engine
+from offload.client.future import Future
+from offload.client.options import make_options, next_worker_name
+from offload.client.worker import call_settings
+from offload.errors import RemoteError, RemoteTraceback
+from offload.tasks import Task
+from offload.worker.batch import run_chunk
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_pool_ids = itertools.count(1)
+# A chunk should take about this long: long enough that its round trip is noise, short
+# enough that the last chunks still spread over every worker.
+_CHUNK_TARGET = 0.01
+_MAX_CHUNK = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of a pool (``Pool.stats()``)."""
+
+    workers: int
+    busy: int
+    idle: int
+    starting: int
+    queued: int
+    running: int
+    done: int
+    failed: int
+    restarts: int
+
+
+class Pool(concurrent.futures.Executor):
+    """A pool of worker processes.
+
+    Args:
+        workers: number of local worker processes (default: the CPU count).
+        **options: worker options, as for :func:`offload.spawn` (``name`` names the pool;
+            its workers are ``name-1``, ``name-2``, ...).
+
+    Raises:
+        ValueError, TypeError: an invalid option.
+    """
+
+    def __init__(self, workers: int | None = None, **options: Any) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        opts = make_options(**options)
+        self.name = opts.name or f"offload-pool-{next(_pool_ids)}"
+        self._workers = workers
+        names = [
+            f"{self.name}-{i + 1}" if opts.name else next_worker_name() for i in range(workers)
+        ]
+        self._engine = Engine(
+            opts,
+            workers,
+            keep_warm=True,
+            max_start_failures=3,
+            label=self.name,
+            names=names,
+        )
+        self._engine.start()
+
+    # -- submitting ----------------------------------------------------------------------
+
+    @overload
+    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    @overload
+    def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a worker of the pool.
+
+        Returns:
+            A future that always resolves.
+
+        Raises:
+            RuntimeError: the pool was shut down.
+        """
+        target, timeout, retries = call_settings(fn)
+        return self._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[T]:
+        """``map(fn, *iterables)`` on the pool; results in input order.
+
+        The input is read lazily, a bounded number of chunks ahead of the results, so a
+        huge or endless iterable needs bounded memory.
+
+        Args:
+            timeout: seconds from this call; a result not ready by then raises
+                ``TimeoutError`` (the calls go on).
+            chunksize: items per call; None sizes chunks automatically.
+            progress: show a tqdm progress bar on a terminal.
+
+        Raises:
+            the first failed item's exception, when iteration reaches it.
+        """
+        items = zip(*iterables, strict=False)
+        return self._map(
+            fn, items, timeout, chunksize, progress, ordered=True, total=_length(iterables)
+        )
+
+    def imap_unordered(
+        self,
+        fn: Callable[..., T],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[T]:
+        """Like :meth:`map` with one iterable, but yield results as they finish."""
+        items = ((item,) for item in iterable)
+        return self._map(
+            fn, items, None, chunksize, progress, ordered=False, total=_length((iterable,))
+        )
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        items: Iterator[tuple[Any, ...]],
+        timeout: float | None,
+        chunksize: int | None,
+        progress: bool,
+        *,
+        ordered: bool,
+        total: int | None,
+    ) -> Iterator[T]:
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        if self._engine.scheduler.closed:
+            raise RuntimeError("cannot map after shutdown")
+        target, call_timeout, retries = call_settings(fn)
+        bar = _progress_bar(total) if progress else None
+        return _MapRun(
+            self,
+            target,
+            items,
+            timeout=timeout,
+            chunksize=chunksize,
+            call_timeout=call_timeout,
+            retries=retries,
+            ordered=ordered,
+            bar=bar,
+        ).results()
+
+    # -- state -------------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """Workers busy/idle/starting, calls queued/running/done/failed, restarts."""
+        engine = self._engine
+        with engine.lock:
+            counts = engine.scheduler.counts()
+        return PoolStats(
+            workers=self._workers,
+            busy=counts.busy,
+            idle=counts.idle,
+            starting=counts.starting,
+            queued=counts.queued,
+            running=counts.running,
+            done=engine.stats_done,
+            failed=engine.stats_failed,
+            restarts=engine.restarts,
+        )
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the live local workers."""
+        with self._engine.lock:
+            procs = list(self._engine.current.values())
+        return [
+            proc.pid
+            for proc in procs
+            if proc.pid is not None and proc.child is not None and proc.child.returncode is None
+        ]
+
+    # -- ending ------------------------------------------------------------------------
+
+    def shutdown(
+        self,
+        wait: bool = True,
+        *,
+        cancel_futures: bool = False,
+        timeout: float | None = None,
+        kill: bool = False,
+    ) -> None:
+        """Stop accepting calls and stop the workers.
+
+        Args:
+            wait: block until every worker has exited.
+            cancel_futures: cancel the calls still queued in the parent.
+            timeout: with ``wait``, kill the workers after this many seconds; their
+                running calls fail with :class:`~offload.WorkerKilled`.
+            kill: kill the workers now (running calls fail with WorkerKilled, queued
+                calls are cancelled).
+        """
+        engine = self._engine
+        if kill:
+            engine.shutdown(wait=False, cancel_futures=True, timeout=None)
+            engine.kill_all()
+            if wait:
+                engine.wait_idle(None)
+            return
+        engine.shutdown(wait=wait, cancel_futures=cancel_futures, timeout=timeout)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: cancel what is queued, kill what runs, let the interrupt go on.
+            self.shutdown(wait=True, kill=True)
+        else:
+            self.shutdown(wait=True)
+
+    async def __aenter__(self) -> Pool:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        kill = exc_type is not None and issubclass(
+            exc_type, (KeyboardInterrupt, asyncio.CancelledError)
+        )
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.shutdown(wait=True, kill=kill)
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = " shutdown" if self._engine.scheduler.closed else ""
+        return (
+            f"<Pool {self.name} workers={s.workers} busy={s.busy} idle={s.idle} "
+            f"starting={s.starting} queued={s.queued}{state}>"
+        )
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    lengths = []
+    for it in iterables:
+        try:
+            lengths.append(len(it))  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return min(lengths) if lengths else None
+
+
+def _progress_bar(total: int | None) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+    except ImportError as exc:
+        raise ImportError(
+            "progress=True needs tqdm: pip install 'offload[progress]' (or tqdm)"
+        ) from exc
+    return tqdm(total=total, unit="call")
+
+
+class _MapRun:
+    """One map/imap_unordered: feeds chunks into the pool and yields results."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Any,
+        items: Iterator[tuple[Any, ...]],
+        *,
+        timeout: float | None,
+        chunksize: int | None,
+        call_timeout: float | None,
+        retries: int,
+        ordered: bool,
+        bar: Any,
+    ) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.items = items
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.fixed = chunksize
+        self.size = chunksize or 1
+        self.call_timeout = call_timeout
+        self.retries = retries
+        self.ordered = ordered
+        self.bar = bar
+        engine = pool._engine
+        # Enough chunks in flight to keep every slot and its prefetch busy.
+        self.window = max(4, 4 * pool._workers * engine.options.concurrency)
+        self.exhausted = False
+        self.inflight: deque[tuple[Future[Any], int, float]] = deque()
+        self.done_event = threading.Condition()
+        self.finished: deque[tuple[Future[Any], int, float]] = deque()
+
+    def _fill(self) -> None:
+        while not self.exhausted and len(self.inflight) < self.window:
+            chunk = list(itertools.islice(self.items, self.size))
+            if not chunk:
+                self.exhausted = True
+                return
+            # Calls carry the task's per-call timeout, scaled by the chunk's length.
+            timeout = None if self.call_timeout is None else self.call_timeout * len(chunk)
+            fut = self.pool._engine.submit(
+                run_chunk, (self.fn, chunk), {}, timeout=timeout, retries=self.retries
+            )
+            entry = (fut, len(chunk), time.monotonic())
+            self.inflight.append(entry)
+            if not self.ordered:
+                fut.add_done_callback(functools.partial(self._on_done, entry))
+
+    def _on_done(self, entry: tuple[Future[Any], int, float], _: object) -> None:
+        with self.done_event:
+            self.finished.append(entry)
+            self.done_event.notify()
+
+    def _grow(self, started: float, count: int) -> None:
+        if self.fixed is not None:
+            return
+        took = time.monotonic() - started
+        if took < _CHUNK_TARGET and self.size < _MAX_CHUNK:
+            self.size = min(_MAX_CHUNK, self.size * 2)
+        elif took > 4 * _CHUNK_TARGET and self.size > 1:
+            self.size = max(1, self.size // 2)
+
+    def _remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def results(self) -> Iterator[Any]:
+        try:
+            self._fill()
+            while self.inflight:
+                if self.ordered:
+                    fut, count, started = self.inflight.popleft()
+                    outcomes = fut.result(self._remaining())
+                else:
+                    with self.done_event:
+                        while not self.finished:
+                            self.done_event.wait()
+                        entry = self.finished.popleft()
+                    self.inflight.remove(entry)
+                    fut, count, started = entry
+                    outcomes = fut.result()
+                self._grow(started, count)
+                self._fill()
+                for outcome in outcomes:
+                    if self.bar is not None:
+                        self.bar.update(1)
+                    yield _unpack(outcome)
+        finally:
+            # Abandoned (break, exception, Ctrl-C): queued chunks never run.
+            for fut, _, _ in self.inflight:
+                fut.cancel()
+            if self.bar is not None:
+                self.bar.close()
+
+
+def _unpack(outcome: tuple[Any, ...]) -> Any:
+    if outcome[0]:
+        return outcome[1]
+    _, exc, type_name, message, tb = outcome
+    if exc is None:
+        exc = RemoteError(message, type_name=type_name, traceback=tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    raise exc
