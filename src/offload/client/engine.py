@@ -190,7 +190,7 @@ class WorkerProcess:
             max_message_size=opts.max_message_size,
         )
         self.channel = Channel(sock, conn, self.loop)
-        self.channel.on_message = self._on_message
+        self.channel.on_messages = self._on_messages
         self.channel.on_close = self._on_channel_close
         self.channel.start()
         self._timers.append(self.loop.call_later(opts.start_timeout, self._start_timed_out))
@@ -230,14 +230,21 @@ class WorkerProcess:
 
     # -- messages ------------------------------------------------------------------------
 
-    def _on_message(self, msg: p.Message) -> None:
+    def _on_messages(self, msgs: list[p.Message]) -> None:
         self._last_seen = self.loop.clock()
+        results: list[p.Result] = []
+        for msg in msgs:
+            if isinstance(msg, p.Result) and msg.call_id != 0:
+                results.append(msg)
+            else:
+                self._on_message(msg)
+        if results:
+            self.engine.on_results(self, results)
+
+    def _on_message(self, msg: p.Message) -> None:
         match msg:
-            case p.Result():
-                if msg.call_id == 0:
-                    self._initialized(msg)
-                else:
-                    self.engine.on_result(self, msg)
+            case p.Result():  # call id 0: the initializer
+                self._initialized(msg)
             case p.Progress():
                 self.engine.on_progress(msg)
             case p.Hello():
@@ -630,15 +637,26 @@ class Engine:
             event.set()
         self._resolve(deferred)
 
-    def on_result(self, proc: WorkerProcess, msg: p.Result) -> None:
+    def on_results(self, proc: WorkerProcess, msgs: list[p.Result]) -> None:
+        """Results read in one go from ``proc``: one lock round, one scheduling pass."""
         with self.lock:
-            if not self.scheduler.expects(proc.slot, proc.gen, msg.call_id):
-                return  # resolved already (timeout, kill) or a stray id
-            record = self.records.pop(msg.call_id)
+            expected = [
+                (self.records.pop(msg.call_id), msg)
+                for msg in msgs
+                if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
+            ]  # others were resolved already (timeout, kill) or are stray ids
+            if not expected:
+                return
             deferred = self._apply(
-                self.scheduler.result(proc.slot, proc.gen, msg.call_id, self.loop.clock())
+                self.scheduler.results(
+                    proc.slot,
+                    proc.gen,
+                    [(msg.call_id, msg.elapsed) for _, msg in expected],
+                    self.loop.clock(),
+                )
             )
-        self._deliver(record, msg, proc)
+        for record, msg in expected:
+            self._deliver(record, msg, proc)
         self._resolve(deferred)
         if self.options.memory_limit is not None:
             self.check_memory(proc)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,25 +289,43 @@ class Scheduler:
             slot.retry_at = now + self.backoff * 2 ** (slot.start_failures - 1)
         return actions + self._schedule(now)
 
-    def result(self, slot_index: int, gen: int, call_id: int, now: float) -> list[Action]:
+    def result(
+        self, slot_index: int, gen: int, call_id: int, now: float, elapsed: float | None = None
+    ) -> list[Action]:
         """The worker answered ``call_id``; the driver resolves the future itself.
 
-        Returns no action for a result the scheduler does not expect (a call already
-        resolved by a timeout or kill): the driver must then ignore the result.
+        ``elapsed`` is how long the call ran in the worker, if it said. Results the
+        scheduler does not expect (a call already resolved by a timeout or a kill; see
+        :meth:`expects`) change nothing.
         """
+        return self.results(slot_index, gen, [(call_id, elapsed)], now)
+
+    def results(
+        self,
+        slot_index: int,
+        gen: int,
+        answered: Iterable[tuple[int, float | None]],
+        now: float,
+    ) -> list[Action]:
+        """Several (call id, elapsed) results from one read: one scheduling pass."""
         slot = self.slots[slot_index]
-        entry = self.calls.get(call_id)
-        if slot.gen != gen or entry is None or entry.slot != slot_index:
+        if slot.gen != gen:
             return []
-        del self.calls[call_id]
-        if entry.started_at is not None:
-            took = now - entry.started_at
-            avg = self.avg_duration
-            self.avg_duration = took if avg is None else avg + 0.2 * (took - avg)
-        try:
-            slot.outstanding.remove(call_id)
-        except ValueError:
-            pass
+        for call_id, elapsed in answered:
+            entry = self.calls.get(call_id)
+            if entry is None or entry.slot != slot_index:
+                continue
+            del self.calls[call_id]
+            took = elapsed
+            if took is None and entry.started_at is not None:
+                took = now - entry.started_at
+            if took is not None:
+                avg = self.avg_duration
+                self.avg_duration = took if avg is None else avg + 0.2 * (took - avg)
+            try:
+                slot.outstanding.remove(call_id)
+            except ValueError:
+                pass
         self._mark_running(slot, now)
         return self._schedule(now)
 

@@ -173,13 +173,23 @@ class Call(Message):
 
 
 class Result(Message):
-    """The outcome of a call."""
+    """The outcome of a call; ``elapsed`` is how long it ran in the worker (seconds)."""
 
-    __slots__ = ("buffers", "call_id", "message", "payload", "status", "traceback", "type_name")
+    __slots__ = (
+        "buffers",
+        "call_id",
+        "elapsed",
+        "message",
+        "payload",
+        "status",
+        "traceback",
+        "type_name",
+    )
     TAG = 3
     FIELDS = (
         ("call_id", "int"),
         ("status", "int"),
+        ("elapsed", "float"),
         ("type_name", "str"),
         ("message", "str"),
         ("traceback", "str"),
@@ -189,6 +199,7 @@ class Result(Message):
     __match_args__ = ("call_id",)
     call_id: int
     status: int
+    elapsed: float
     type_name: str
     message: str
     traceback: str
@@ -200,6 +211,7 @@ class Result(Message):
         *,
         call_id: int,
         status: int,
+        elapsed: float = 0.0,
         type_name: str = "",
         message: str = "",
         traceback: str = "",

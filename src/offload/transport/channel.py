@@ -2,9 +2,9 @@
 
 :class:`Channel` is the thin I/O driver around :class:`offload.protocol.Connection`:
 any thread may :meth:`send` (frames are written whole, under a lock, with ``sendmsg`` so
-large buffers are not joined); the loop thread reads, decodes and hands each message to
-``on_message``. When the peer closes, breaks the protocol, or the socket fails,
-``on_close(error)`` runs once on the loop thread (``error`` is None for a clean close).
+large buffers are not joined); the loop thread reads, decodes and hands the messages of
+each read to ``on_messages`` as one batch. When the peer closes, breaks the protocol, or
+the socket fails, ``on_close(error)`` runs once on the loop thread (``error`` is None for a clean close).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Channel:
         self.sock = sock
         self.conn = conn
         self.loop = loop
-        self.on_message: Callable[[p.Message], Any] = lambda msg: None
+        self.on_messages: Callable[[list[p.Message]], Any] = lambda msgs: None
         self.on_close: Callable[[BaseException | None], Any] = lambda err: None
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()  # whoever holds it reads: the loop or a waiter
@@ -168,20 +168,28 @@ class Channel:
             self._feed(self._read_view[:n])
 
     def _feed(self, data: bytes | memoryview) -> None:
+        """Decode what ``data`` completes and hand it over as one batch."""
         self.conn.receive_data(data)
-        while not self._closed:
+        batch: list[p.Message] = []
+        ended = False
+        error: BaseException | None = None
+        while True:
             try:
                 msg = self.conn.next_event()
             except ProtocolError as exc:
-                self._finish(exc)
-                return
+                ended, error = True, exc
+                break
             if msg is p.NEED_DATA:
-                return
+                break
             if msg is p.CLOSED:
-                self._finish(None)
-                return
+                ended = True
+                break
             assert isinstance(msg, p.Message)
-            self.on_message(msg)
+            batch.append(msg)
+        if batch:
+            self.on_messages(batch)
+        if ended:
+            self._finish(error)
 
     def drain(self) -> None:
         """Read and dispatch whatever the peer already sent, without blocking (used when
