@@ -4,7 +4,8 @@
 any thread may :meth:`send` (frames are written whole, under a lock, with ``sendmsg`` so
 large buffers are not joined); the loop thread reads, decodes and hands the messages of
 each read to ``on_messages`` as one batch. When the peer closes, breaks the protocol, or
-the socket fails, ``on_close(error)`` runs once on the loop thread (``error`` is None for a clean close).
+the socket fails, ``on_close(error)`` runs once on the loop thread (``error`` is None
+for a clean close).
 """
 
 from __future__ import annotations
