@@ -38,6 +38,11 @@ from offload.protocol.messages import (
     message_size,
 )
 
+TYPE_CHECKING = False  # workers import this at start-up; typing and hashlib cost time
+if TYPE_CHECKING:
+    from offload.protocol.auth import Sealer
+
+MAC_SIZE = 32  # offload.protocol.auth.MAC_SIZE (not imported: workers never seal)
 HEADER = struct.Struct("!Q")
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -117,6 +122,8 @@ class Connection:
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
+        # After an authenticated handshake without TLS: MACs every frame (see auth.py).
+        self.sealer: Sealer | None = None
 
     # -- sending -------------------------------------------------------------------------
 
@@ -159,6 +166,14 @@ class Connection:
                 f"{type(msg).__name__} of {size} bytes exceeds max_message_size "
                 f"({self.max_message_size})"
             )
+        sealer = self.sealer
+        if sealer is not None:
+            mac = sealer.seal(chunks)
+            if len(chunks) == 1 and isinstance(chunks[0], bytearray):
+                chunks[0] += mac
+            else:
+                chunks.append(mac)
+            size += MAC_SIZE
         if len(chunks) == 1 and isinstance(chunks[0], bytearray):
             chunks[0][0:0] = HEADER.pack(size)  # one contiguous write for small messages
             return chunks
@@ -214,7 +229,14 @@ class Connection:
         if available < HEADER.size:
             return NEED_DATA
         (size,) = HEADER.unpack_from(self._buf, self._pos)
-        if size > self.max_message_size:
+        sealer = self.sealer
+        if sealer is not None:
+            if size < MAC_SIZE:
+                raise ProtocolError(f"a sealed frame of {size} bytes cannot hold its MAC")
+            size_limit = self.max_message_size + MAC_SIZE
+        else:
+            size_limit = self.max_message_size
+        if size > size_limit:
             raise ProtocolError(
                 f"peer sent a frame of {size} bytes; max_message_size is {self.max_message_size}"
             )
@@ -231,6 +253,9 @@ class Connection:
         elif self._pos > 1 << 20:
             del self._buf[: self._pos]
             self._pos = 0
+        if sealer is not None:
+            sealer.open(body[:-MAC_SIZE], bytes(body[-MAC_SIZE:]))
+            body = body[:-MAC_SIZE]
         return decode_body(body)
 
     def _check_hello(self, msg: Message) -> None:
