@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from offload.client.pool import Pool as Pool
     from offload.client.pool import PoolStats as PoolStats
     from offload.client.worker import Worker as Worker
+    from offload.client.worker import connect as connect
     from offload.client.worker import delegate as delegate
     from offload.client.worker import spawn as spawn
     from offload.errors import (
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from offload.program import init as init
     from offload.tasks import Task as Task
     from offload.tasks import task as task
+    from offload.transport.net import TLS as TLS
     from offload.worker.runtime import report as report
 
 _EXPORTS = {
@@ -102,6 +104,8 @@ _EXPORTS = {
     "PoolStats": "offload.client.pool",
     "spawn": "offload.client.worker",
     "delegate": "offload.client.worker",
+    "connect": "offload.client.worker",
+    "TLS": "offload.transport.net",
     "init": "offload.program",
     "Task": "offload.tasks",
     "task": "offload.tasks",
@@ -128,6 +132,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "TLS",
     "AuthenticationError",
     "Cancelled",
     "ConnectionLost",
@@ -153,6 +158,7 @@ __all__ = [
     "WorkerKilled",
     "Working",
     "__version__",
+    "connect",
     "delegate",
     "init",
     "report",

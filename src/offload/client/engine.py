@@ -14,14 +14,16 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from offload import protocol as p
 from offload.client.future import Future
 from offload.client.options import WorkerOptions, env_for_worker, settings_for_worker
 from offload.client.scheduler import (
     Action,
+    KillCall,
     KillWorker,
     Outcome,
     Resolve,
@@ -31,6 +33,7 @@ from offload.client.scheduler import (
     StopWorker,
 )
 from offload.errors import (
+    ConnectionLost,
     NoWorkerAvailable,
     OffloadError,
     ProtocolError,
@@ -86,8 +89,14 @@ class CallRecord:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     timeout: float | None
+    # Relayed calls (a server passing a client's call on): the future gets the worker's
+    # Result message itself, never unpickled here; progress goes to this hook as is.
+    raw: bool = False
+    on_raw_progress: Callable[[p.Progress], Any] | None = None
 
     def describe(self) -> str:
+        if self.raw:
+            return self.message.target or "a relayed call"
         return describe_call(self.fn, self.args, self.kwargs)
 
 
@@ -102,9 +111,18 @@ class ExitInfo:
     reason: str  # "exit" | "signal" | "unresponsive" | "memory" | "disconnected"
     stderr_tail: str
     detail: str = ""
+    remote: bool = False  # a connection to a worker server, not a local process
 
     def crashed(self, call: str, message: str | None = None) -> WorkerCrashed:
-        """A WorkerCrashed naming ``call`` in one sentence."""
+        """A WorkerCrashed (ConnectionLost for a server) naming ``call`` in one sentence."""
+        if self.remote:
+            what = self.detail or "lost its connection"
+            return ConnectionLost(
+                f"worker server {self.name} (pid {self.pid}) {what} while running {call}",
+                pid=self.pid,
+                reason=self.reason,  # type: ignore[arg-type]
+                worker=self.name,
+            )
         if message is None:
             if self.reason == "signal":
                 how = f"was killed by {self.signal}"
@@ -128,6 +146,30 @@ class ExitInfo:
             stderr_tail=self.stderr_tail,
             worker=self.name,
         )
+
+
+class SlotProcess(Protocol):
+    """What the engine needs of whatever fills a slot: a local :class:`WorkerProcess`
+    or a connection to a worker server (:class:`offload.client.remote.RemoteProcess`)."""
+
+    slot: int
+    gen: int
+    name: str
+    ready: bool
+    expected_exit: bool
+    channel: Channel | None
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def child(self) -> ChildProcess | None: ...
+    def start(self) -> None: ...
+    def send_calls(self, calls: list[p.Call]) -> None: ...
+    def pump(self, future: Future[Any]) -> None: ...
+    def stop(self) -> None: ...
+    def kill(self, reason: str = "") -> None: ...
+    def kill_call(self, call_id: int) -> None: ...
+    def rss(self) -> int: ...
 
 
 class WorkerProcess:
@@ -365,6 +407,10 @@ class WorkerProcess:
         if self.channel is not None:
             self.channel.send(p.Shutdown())
 
+    def kill_call(self, call_id: int) -> None:
+        """Local slots die whole (see :class:`KillWorker`); never asked for one call."""
+        self.kill("killed")
+
     def kill(self, reason: str = "") -> None:
         """Kill the process group now: SIGTERM, then SIGKILL after a short grace."""
         self.expected_exit = True
@@ -433,9 +479,12 @@ class Engine:
         prefetch: int | None = None,
         label: str = "",
         names: list[str] | None = None,
+        remotes: dict[int, Any] | None = None,
         loop: Loop | None = None,
     ) -> None:
         self.options = options
+        # slot -> RemoteTarget: that slot is a connection to a worker server.
+        self.remotes: dict[int, Any] = dict(remotes or {})
         self.loop = loop or get_loop()
         self.label = label
         self.names = names or [options.name or "offload-worker"] * slots
@@ -447,10 +496,12 @@ class Engine:
             keep_warm=keep_warm,
             max_start_failures=max_start_failures,
         )
+        for index in self.remotes:
+            self.scheduler.slots[index].independent = True
         self.lock = threading.Lock()
         self.records: dict[int, CallRecord] = {}
-        self.procs: dict[tuple[int, int], WorkerProcess] = {}  # (slot, gen) -> process
-        self.current: dict[int, WorkerProcess] = {}  # slot -> its newest process
+        self.procs: dict[tuple[int, int], SlotProcess] = {}  # (slot, gen) -> process
+        self.current: dict[int, SlotProcess] = {}  # slot -> its newest process
         self.exited = threading.Condition(self.lock)
         self.stats_done = 0
         self.stats_failed = 0
@@ -499,6 +550,7 @@ class Engine:
                 target = fn
                 data, buffers = dumps((args, kwargs))
             else:
+                target = getattr(fn, "__qualname__", "") + "(...)"
                 data, buffers = dumps((fn, args, kwargs))
         except BaseException as exc:  # noqa: BLE001 - SystemExit from __reduce__ included
             what = culprit((fn, args, kwargs))
@@ -546,6 +598,44 @@ class Engine:
         self._resolve(deferred)
         if claimed is not None:
             claimed.pump_claimed(future.done, PUMP_WINDOW)
+        return future
+
+    def submit_raw(
+        self,
+        call: p.Call,
+        *,
+        on_progress: Callable[[p.Progress], Any] | None = None,
+    ) -> Future[p.Result]:
+        """Run a call that is already pickled (a server relaying a client's call).
+
+        Nothing is unpickled here: the future resolves with the worker's Result message,
+        or fails with an ExecutionError when the worker process failed.
+
+        Raises:
+            RuntimeError: after shutdown.
+        """
+        future: Future[p.Result] = Future()
+        call_id = next(_call_ids)
+        timeout = call.timeout or None
+        message = p.Call(
+            call_id=call_id,
+            kind=call.kind,
+            timeout=call.timeout,
+            target=call.target,
+            payload=call.payload,
+            buffers=call.buffers,
+        )
+        record = CallRecord(
+            call_id, future, message, call.target, (), {}, timeout, True, on_progress
+        )
+        future._killer = lambda: self.kill_call(call_id)
+        future._canceller = lambda: self.cancel(call_id)
+        with self.lock:
+            if self.scheduler.closed:
+                raise RuntimeError("cannot submit after shutdown")
+            self.records[call_id] = record
+            deferred = self._apply(self.scheduler.submit(call_id, timeout, 0, self.loop.clock()))
+        self._resolve(deferred)
         return future
 
     def cancel(self, call_id: int) -> bool:
@@ -614,18 +704,18 @@ class Engine:
 
     # -- events from worker processes (loop thread) --------------------------------------
 
-    def worker_ready(self, proc: WorkerProcess) -> None:
+    def worker_ready(self, proc: SlotProcess, capacity: int | None = None) -> None:
         with self.lock:
             self._last_start_error.pop(proc.slot, None)
             event = self._ready_events.get(proc.slot)
             deferred = self._apply(
-                self.scheduler.worker_ready(proc.slot, proc.gen, self.loop.clock())
+                self.scheduler.worker_ready(proc.slot, proc.gen, self.loop.clock(), capacity)
             )
         if event is not None:
             event.set()
         self._resolve(deferred)
 
-    def start_failed(self, proc: WorkerProcess, error: OffloadError) -> None:
+    def start_failed(self, proc: SlotProcess, error: OffloadError) -> None:
         log.warning("offload: %s", error)
         with self.lock:
             self._last_start_error[proc.slot] = error
@@ -637,7 +727,7 @@ class Engine:
             event.set()
         self._resolve(deferred)
 
-    def on_results(self, proc: WorkerProcess, msgs: list[p.Result]) -> None:
+    def on_results(self, proc: SlotProcess, msgs: list[p.Result]) -> None:
         """Results read in one go from ``proc``: one lock round, one scheduling pass."""
         with self.lock:
             expected = [
@@ -665,6 +755,10 @@ class Engine:
         record = self.records.get(msg.call_id)
         if record is None:
             return
+        if record.raw:
+            if record.on_raw_progress is not None:
+                record.on_raw_progress(msg)
+            return
         try:
             value = loads(msg.payload, msg.buffers)
         except BaseException:  # noqa: BLE001
@@ -674,7 +768,7 @@ class Engine:
             return
         record.future._set_progress(value)
 
-    def worker_failed(self, proc: WorkerProcess, reason: str, detail: str) -> None:
+    def worker_failed(self, proc: SlotProcess, reason: str, detail: str) -> None:
         """Kill a worker the engine gave up on (unresponsive, over memory)."""
         info = ExitInfo(proc.name, proc.pid, None, None, reason, "", detail)
         with self.lock:
@@ -684,7 +778,7 @@ class Engine:
         self._resolve(deferred)
         self._notify_failure(info)
 
-    def check_memory(self, proc: WorkerProcess) -> None:
+    def check_memory(self, proc: SlotProcess) -> None:
         limit = self.options.memory_limit
         if limit is None or proc.expected_exit:
             return
@@ -710,7 +804,7 @@ class Engine:
                 )
             self._resolve(deferred)
 
-    def process_exited(self, proc: WorkerProcess, info: ExitInfo) -> None:
+    def process_exited(self, proc: SlotProcess, info: ExitInfo) -> None:
         with self.lock:
             self.procs.pop((proc.slot, proc.gen), None)
             if self.current.get(proc.slot) is proc:
@@ -805,7 +899,13 @@ class Engine:
                 case StartWorker(slot=slot, gen=gen):
                     if slot in self.current:
                         self.restarts += 1
-                    proc = WorkerProcess(self, slot, gen, self.names[slot])
+                    target = self.remotes.get(slot)
+                    if target is None:
+                        proc = WorkerProcess(self, slot, gen, self.names[slot])
+                    else:
+                        from offload.client.remote import RemoteProcess
+
+                        proc = RemoteProcess(self, slot, gen, self.names[slot], target)
                     self.procs[(slot, gen)] = proc
                     self.current[slot] = proc
                     self.loop.call_soon(proc.start)
@@ -814,6 +914,10 @@ class Engine:
                     if proc is not None:
                         self._killed_pids[slot] = (gen, proc.pid)
                         proc.kill(reason)
+                case KillCall(slot=slot, gen=gen, call_id=call_id):
+                    proc = self.procs.get((slot, gen))
+                    if proc is not None:
+                        proc.kill_call(call_id)
                 case StopWorker(slot=slot, gen=gen):
                     proc = self.procs.get((slot, gen))
                     if proc is not None:
@@ -848,6 +952,21 @@ class Engine:
         call = record.describe()
         name = self.names[res.slot] if res.slot is not None else self.label
         cause = res.cause
+        remote = res.slot is not None and res.slot in self.remotes
+        if res.outcome is Outcome.TIMEOUT and remote:
+            return TaskTimeout(
+                f"{call} did not finish within its timeout of {record.timeout:g} s; it was "
+                f"killed on the worker server {name}",
+                timeout=record.timeout or 0.0,
+                pid=self._pid_hint(res),
+                worker=name,
+            )
+        if res.outcome is Outcome.KILLED and remote:
+            return WorkerKilled(
+                f"{call} was killed on the worker server {name}",
+                pid=self._pid_hint(res),
+                worker=name,
+            )
         if res.outcome is Outcome.TIMEOUT:
             pid = self._pid_hint(res)
             return TaskTimeout(
@@ -895,9 +1014,13 @@ class Engine:
         proc = self.procs.get((res.slot, res.gen))
         return proc.pid if proc is not None else None
 
-    def _deliver(self, record: CallRecord, msg: p.Result, proc: WorkerProcess) -> None:
+    def _deliver(self, record: CallRecord, msg: p.Result, proc: SlotProcess) -> None:
         future = record.future
         status = msg.status
+        if record.raw:
+            self.stats_done += 1
+            future._resolve_value(msg)
+            return
         if status == p.OK:
             try:
                 value = loads(msg.payload, msg.buffers)
@@ -935,6 +1058,14 @@ class Engine:
                 ),
                 task_raised=False,
             )
+        elif status == p.FAILED:  # decided by a worker server: one of offload's errors
+            try:
+                error = loads(msg.payload, msg.buffers)
+            except BaseException:  # noqa: BLE001
+                error = None
+            if not isinstance(error, BaseException):
+                error = RemoteError(msg.message, type_name=msg.type_name, traceback=msg.traceback)
+            future._resolve_exception(error, task_raised=False)
         elif status == p.UNKNOWN_TASK:
             future._resolve_exception(
                 NoWorkerAvailable(

@@ -77,10 +77,10 @@ class WorkerOptions:
             raise ValueError("shutdown_on='heartbeat_timeout' needs heartbeat=(interval, timeout)")
         if self.initializer is not None and not callable(self.initializer):
             raise TypeError("initializer must be callable")
-        if self.where is not None:
+        if self.where is not None and not isinstance(self.where, str):
             raise ValueError(
-                f"where={self.where!r}: remote workers are reached with offload.connect() "
-                "in this release; spawn() starts local workers only"
+                f"where={self.where!r}: give a worker server's address as 'host:port', "
+                "'[v6]:port' or 'unix:PATH' (starting workers over ssh is not supported yet)"
             )
 
     def with_name(self, name: str | None) -> WorkerOptions:

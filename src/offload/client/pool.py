@@ -26,9 +26,11 @@ from typing import Any, ParamSpec, TypeVar, overload
 from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import make_options, next_worker_name
+from offload.client.remote import RemoteTarget
 from offload.client.worker import call_settings
 from offload.errors import RemoteError, RemoteTraceback
 from offload.tasks import Task
+from offload.transport.net import TLS
 from offload.worker.batch import run_chunk
 
 P = ParamSpec("P")
@@ -60,32 +62,51 @@ class Pool(concurrent.futures.Executor):
     """A pool of worker processes.
 
     Args:
-        workers: number of local worker processes (default: the CPU count).
+        workers: number of local worker processes (default: the CPU count, or none when
+            ``hosts`` are given).
+        hosts: addresses of worker servers (``offload serve``); each contributes as many
+            slots as it announces. A lost host's calls fail with
+            :class:`~offload.ConnectionLost` (or are retried elsewhere, per ``retries``);
+            the pool reconnects when the host returns.
+        token: the servers' token (default: ``OFFLOAD_TOKEN`` / ``OFFLOAD_TOKEN_FILE``).
+        tls: TLS settings for the servers.
         **options: worker options, as for :func:`offload.spawn` (``name`` names the pool;
             its workers are ``name-1``, ``name-2``, ...).
 
     Raises:
         ValueError, TypeError: an invalid option.
+        AuthenticationError: hosts given but no token.
     """
 
-    def __init__(self, workers: int | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        hosts: Iterable[str] | None = None,
+        token: bytes | str | None = None,
+        tls: TLS | None = None,
+        **options: Any,
+    ) -> None:
+        host_list = list(hosts or ())
         if workers is None:
-            workers = os.cpu_count() or 1
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            workers = 0 if host_list else (os.cpu_count() or 1)
+        if workers < 0 or workers + len(host_list) < 1:
+            raise ValueError(f"a pool needs at least one worker or host (workers={workers})")
         opts = make_options(**options)
+        targets = [RemoteTarget.parse(h, token, tls, opts.heartbeat) for h in host_list]
         self.name = opts.name or f"offload-pool-{next(_pool_ids)}"
-        self._workers = workers
+        self._workers = workers + len(host_list)
         names = [
             f"{self.name}-{i + 1}" if opts.name else next_worker_name() for i in range(workers)
-        ]
+        ] + [str(t.address) for t in targets]
         self._engine = Engine(
             opts,
-            workers,
+            self._workers,
             keep_warm=True,
             max_start_failures=3,
             label=self.name,
             names=names,
+            remotes={workers + i: t for i, t in enumerate(targets)},
         )
         self._engine.start()
 

@@ -88,6 +88,16 @@ class KillWorker:
 
 
 @dataclass(frozen=True, slots=True)
+class KillCall:
+    """Stop one call on an *independent* slot (a remote server runs each call in its own
+    process, so one call dies and the slot lives on); the call is already resolved."""
+
+    slot: int
+    gen: int
+    call_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class StopWorker:
     """Ask the process of ``slot``/``gen`` to exit once idle (graceful)."""
 
@@ -106,7 +116,7 @@ class Resolve:
     gen: int = 0  # the generation of the process the call was on
 
 
-Action = StartWorker | SendCalls | KillWorker | StopWorker | Resolve
+Action = StartWorker | SendCalls | KillWorker | KillCall | StopWorker | Resolve
 
 
 # -- state ---------------------------------------------------------------------------------
@@ -130,6 +140,8 @@ class Slot:
     """The scheduler's view of one worker slot."""
 
     index: int
+    capacity: int = 1  # calls its worker runs at once (a server says how many it has)
+    independent: bool = False  # calls die one by one (remote servers), not with the slot
     state: SlotState = SlotState.EMPTY
     gen: int = 0
     outstanding: deque[int] = field(default_factory=deque)
@@ -187,7 +199,7 @@ class Scheduler:
         self.keep_warm = keep_warm
         self.max_start_failures = max_start_failures
         self.backoff = backoff
-        self.slots = [Slot(i) for i in range(slots)]
+        self.slots = [Slot(i, capacity=concurrency) for i in range(slots)]
         self.calls: dict[int, CallEntry] = {}
         self.queue: deque[int] = deque()
         self.closed = False
@@ -235,6 +247,8 @@ class Scheduler:
             del self.calls[call_id]
             return [Resolve(call_id, Outcome.KILLED)]
         slot = self.slots[entry.slot]
+        if slot.independent:
+            return self._kill_one(slot, call_id, Outcome.KILLED, now)
         return self._kill_slot(slot, "killed", now, primary=call_id, outcome=Outcome.KILLED)
 
     def kill_all(self, now: float) -> list[Action]:
@@ -261,11 +275,16 @@ class Scheduler:
 
     # -- events from the driver ----------------------------------------------------------
 
-    def worker_ready(self, slot_index: int, gen: int, now: float) -> list[Action]:
-        """The process of ``slot``/``gen`` finished its handshake (and initializer)."""
+    def worker_ready(
+        self, slot_index: int, gen: int, now: float, capacity: int | None = None
+    ) -> list[Action]:
+        """The process of ``slot``/``gen`` finished its handshake (and initializer);
+        ``capacity`` is how many calls it runs at once, when the worker says so."""
         slot = self.slots[slot_index]
         if slot.gen != gen or slot.state is not SlotState.STARTING:
             return []
+        if capacity is not None and capacity >= 1:
+            slot.capacity = capacity
         slot.state = SlotState.READY
         slot.start_failures = 0
         return self._schedule(now)
@@ -402,7 +421,7 @@ class Scheduler:
             if slot.state in (SlotState.STARTING, SlotState.BACKOFF):
                 starting += 1
             elif slot.state in (SlotState.READY, SlotState.RETIRING):
-                n = min(len(slot.outstanding), self.concurrency)
+                n = min(len(slot.outstanding), slot.capacity)
                 running += n
                 if n:
                     busy += 1
@@ -432,7 +451,7 @@ class Scheduler:
 
     def _mark_running(self, slot: Slot, now: float) -> None:
         for i, call_id in enumerate(slot.outstanding):
-            if i >= self.concurrency:
+            if i >= slot.capacity:
                 break
             entry = self.calls[call_id]
             if entry.started_at is None:
@@ -511,37 +530,52 @@ class Scheduler:
         slot.gen += 1
         return actions + self._schedule(now)
 
+    def _kill_one(self, slot: Slot, call_id: int, outcome: Outcome, now: float) -> list[Action]:
+        """Stop one call of an independent slot; the slot keeps its other calls."""
+        del self.calls[call_id]
+        try:
+            slot.outstanding.remove(call_id)
+        except ValueError:
+            pass
+        actions: list[Action] = [
+            KillCall(slot.index, slot.gen, call_id),
+            Resolve(call_id, outcome, slot.index, call_id, slot.gen),
+        ]
+        self._mark_running(slot, now)
+        return actions + self._schedule(now)
+
     def _split(self, slot: Slot) -> tuple[list[int], list[int]]:
         running = [c for c in slot.outstanding if self.calls[c].started_at is not None]
         waiting = [c for c in slot.outstanding if self.calls[c].started_at is None]
         return running, waiting
 
-    @property
-    def prefetch(self) -> int:
-        """Calls sent to a worker beyond the ones it runs (see the class docstring)."""
+    def prefetch(self, slot: Slot) -> int:
+        """Calls sent to ``slot`` beyond the ones it runs (see the class docstring)."""
         if self.fixed_prefetch is not None:
             return self.fixed_prefetch
         avg = self.avg_duration
         if avg is None:
-            return self.concurrency
+            return slot.capacity
         if avg < 0.0005:
-            return 32 * self.concurrency
+            return 32 * slot.capacity
         if avg < 0.005:
-            return 2 * self.concurrency
-        return 0 if len(self.slots) > 1 else self.concurrency
+            return 2 * slot.capacity
+        return 0 if len(self.slots) > 1 else slot.capacity
 
     def _schedule(self, now: float) -> list[Action]:
         """Send queued calls to ready slots; start, stop and retire processes."""
         actions: list[Action] = []
-        limit = self.concurrency + self.prefetch
         sends: dict[int, list[int]] = {}
+        limits = [slot.capacity + self.prefetch(slot) for slot in self.slots]
         while self.queue:
             best: Slot | None = None
+            best_load = 0.0
             for slot in self.slots:
-                if slot.state is not SlotState.READY or len(slot.outstanding) >= limit:
+                if slot.state is not SlotState.READY or len(slot.outstanding) >= limits[slot.index]:
                     continue
-                if best is None or len(slot.outstanding) < len(best.outstanding):
-                    best = slot
+                load = len(slot.outstanding) / slot.capacity
+                if best is None or load < best_load:
+                    best, best_load = slot, load
             if best is None:
                 break
             call_id = self.queue.popleft()
@@ -566,7 +600,7 @@ class Scheduler:
             wanted = demand > 0 or (self.keep_warm and not self.closed)
             if slot.state is SlotState.EMPTY and not self.closed_for_new(slot) and wanted:
                 actions.append(self._start(slot))
-                demand -= self.concurrency
+                demand -= slot.capacity
         return actions
 
     def closed_for_new(self, slot: Slot) -> bool:

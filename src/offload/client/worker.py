@@ -15,7 +15,9 @@ from typing import Any, ParamSpec, TypeVar, overload
 from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import WorkerOptions, make_options
+from offload.client.remote import RemoteTarget
 from offload.tasks import Task
+from offload.transport.net import TLS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -36,15 +38,19 @@ class Worker:
     Use :func:`offload.spawn` to make one. Thread-safe.
     """
 
-    def __init__(self, options: WorkerOptions, *, wait: bool = True) -> None:
+    def __init__(
+        self, options: WorkerOptions, *, wait: bool = True, remote: RemoteTarget | None = None
+    ) -> None:
         self._options = options
+        self._remote = remote
         self._engine = Engine(
             options,
             1,
             keep_warm=True,
             max_start_failures=1,
             label=options.name or "",
-            names=[options.name or ""],
+            names=[options.name or (str(remote.address) if remote else "")],
+            remotes={0: remote} if remote is not None else None,
         )
         # The handle may be dropped without shutdown(): stop the process then.
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
@@ -60,20 +66,33 @@ class Worker:
 
     @property
     def name(self) -> str:
-        """The worker's name (in errors, logs and its process title)."""
-        return self._options.name or ""
+        """The worker's name (in errors, logs and its process title); a remote worker is
+        named after its server's address unless given a name."""
+        if self._options.name:
+            return self._options.name
+        return str(self._remote.address) if self._remote is not None else ""
 
     @property
     def pid(self) -> int | None:
-        """The pid of the current process, or None between processes."""
+        """The pid of the current process (for a remote worker: the server's), or None
+        between processes."""
         proc = self._engine.current.get(0)
         return proc.pid if proc is not None else None
 
     @property
+    def address(self) -> str | None:
+        """The worker server's address, for a remote worker; None for a local one."""
+        return str(self._remote.address) if self._remote is not None else None
+
+    @property
     def alive(self) -> bool:
-        """Whether the worker's process is running."""
+        """Whether the worker's process (or connection) is up."""
         proc = self._engine.current.get(0)
-        return bool(proc and proc.child and proc.child.returncode is None)
+        if proc is None:
+            return False
+        if proc.child is None:  # remote: the connection is the process
+            return proc.ready and proc.channel is not None and not proc.channel.closed
+        return proc.child.returncode is None
 
     @overload
     def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
@@ -163,8 +182,41 @@ def spawn(**options: Any) -> Worker:
         VersionMismatch: ``python`` runs another Python or offload version.
         ValueError, TypeError: an option is invalid.
     """
+    token = options.pop("token", None)
+    tls = options.pop("tls", None)
     opts = make_options(**options)
+    if opts.where is not None:
+        target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
+        return Worker(opts, remote=target)
     return Worker(opts.with_name(opts.name))
+
+
+def connect(
+    address: str,
+    *,
+    token: bytes | str | None = None,
+    tls: TLS | None = None,
+    **options: Any,
+) -> Worker:
+    """A worker handle whose calls run on the worker server at ``address``.
+
+    Args:
+        address: ``host:port``, ``[v6]:port`` or ``unix:PATH`` of an ``offload serve``.
+        token: the server's token (default: ``OFFLOAD_TOKEN``, or the file named by
+            ``OFFLOAD_TOKEN_FILE``). Anyone holding it can run code on the server.
+        tls: TLS settings (``offload.TLS(ca=..., cert=..., key=...)``).
+        **options: worker options that apply to a remote worker: ``name``,
+            ``start_timeout``, ``heartbeat`` (default ``(5, 30)``), ``max_message_size``,
+            ``on_failure``.
+
+    Raises:
+        AuthenticationError: no token, a wrong token, an impostor server, or TLS failed.
+        VersionMismatch: the server runs other offload/protocol/Python versions.
+        NoWorkerAvailable: the server cannot be reached.
+    """
+    opts = make_options(**options)
+    target = RemoteTarget.parse(address, token, tls, opts.heartbeat)
+    return Worker(opts, remote=target)
 
 
 _delegate_defaults: dict[str, Any] = {}

@@ -39,6 +39,8 @@ from offload.protocol.messages import (
     Progress,
     Result,
     Shutdown,
+    Status,
+    StatusRequest,
     decode_body,
     encode_body,
 )
@@ -76,6 +78,8 @@ __all__ = [
     "Sentinel",
     "Shutdown",
     "State",
+    "Status",
+    "StatusRequest",
     "decode_body",
     "encode_body",
     "versions",

@@ -372,6 +372,29 @@ class Failure(Message):
         self._init(locals())
 
 
+class StatusRequest(Message):
+    """Ask a server for its :class:`Status` (operators' ``offload status``)."""
+
+    __slots__ = ()
+    TAG = 15
+
+    def __init__(self) -> None:
+        pass
+
+
+class Status(Message):
+    """A server's state as JSON: version, slots, busy, calls served, uptime."""
+
+    __slots__ = ("json",)
+    TAG = 16
+    FIELDS = (("json", "str"),)
+    __match_args__ = ("json",)
+    json: str
+
+    def __init__(self, *, json: str) -> None:
+        self._init(locals())
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Hello,
     Call,
@@ -387,6 +410,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ChannelClose,
     ChannelCredit,
     Failure,
+    StatusRequest,
+    Status,
 )
 
 # ---------------------------------------------------------------------------------------

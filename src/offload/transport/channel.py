@@ -32,10 +32,16 @@ class Channel:
         sock: a connected stream socket (blocking).
         conn: the sans-IO protocol state for it.
         loop: the I/O loop that reads it.
+        threaded: read on a thread of its own instead of the loop. For TLS sockets: a
+            readable socket may hold only part of a TLS record, and a read would then
+            block the loop for everyone.
     """
 
-    def __init__(self, sock: socket.socket, conn: p.Connection, loop: Loop) -> None:
+    def __init__(
+        self, sock: socket.socket, conn: p.Connection, loop: Loop, *, threaded: bool = False
+    ) -> None:
         self.sock = sock
+        self.threaded = threaded
         self.conn = conn
         self.loop = loop
         self.on_messages: Callable[[list[p.Message]], Any] = lambda msgs: None
@@ -47,25 +53,43 @@ class Channel:
         self._read_buf = bytearray(_READ_SIZE)
         self._read_view = memoryview(self._read_buf)
 
-    def start(self) -> None:
-        """Send our Hello and start reading on the loop."""
+    def start(self, initial: bytes = b"") -> None:
+        """Send our Hello and start reading; ``initial`` are bytes already received."""
         self.write(self.conn.hello())
         self._reading = True
+        if self.threaded:
+            threading.Thread(
+                target=self._read_thread, args=(initial,), name="offload-tls-reader", daemon=True
+            ).start()
+            return
+        if initial:
+            self.loop.call_soon(self._feed, initial)
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _read_thread(self, initial: bytes) -> None:
+        if initial:
+            self._feed(initial)
+        while not self._closed:
+            try:
+                n = self.sock.recv_into(self._read_buf)
+            except OSError:
+                n = 0
+            with self._read_lock:
+                self._feed(self._read_view[:n] if n else b"")
 
     # -- output --------------------------------------------------------------------------
 
     def send(self, msg: p.Message) -> bool:
         """Encode and write one message; False if the channel is closed. Thread-safe."""
         with self._send_lock:
-            if self._closed:
+            if self._closed or self.conn.state is p.State.CLOSED:
                 return False
             return self._write_locked(self.conn.send(msg))
 
     def send_many(self, msgs: Sequence[p.Message]) -> bool:
         """Write several messages in as few system calls as possible."""
         with self._send_lock:
-            if self._closed:
+            if self._closed or self.conn.state is p.State.CLOSED:
                 return False
             chunks: list[Any] = []
             for msg in msgs:
@@ -78,6 +102,12 @@ class Channel:
             return self._write_locked(chunks)
 
     def _write_locked(self, chunks: list[Any]) -> bool:
+        if self.threaded:  # TLS sockets have no sendmsg
+            try:
+                self.sock.sendall(b"".join(chunks))
+            except OSError:
+                return False
+            return True
         views = [memoryview(c).cast("B") for c in chunks]
         try:
             while views:
@@ -219,8 +249,18 @@ class Channel:
             self._closed = True
         if self._reading:
             self._reading = False
-            self.loop.remove_reader(self.sock.fileno())
+            if not self.threaded:
+                self.loop.remove_reader(self.sock.fileno())
+        if self.threaded:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+            except OSError:
+                pass
         self.sock.close()
+
+    def abort(self) -> None:
+        """Close now and report it through ``on_close(None)`` (once)."""
+        self._finish(None)
 
     @property
     def closed(self) -> bool:

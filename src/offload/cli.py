@@ -1,0 +1,165 @@
+"""The ``offload`` command: ``serve``, ``ping`` and ``status``.
+
+Exit statuses of ``offload serve``: 0 after a clean stop (SIGTERM or Ctrl-C, every
+running call finished within ``--drain-timeout``), 3 when calls had to be killed at the
+drain deadline, 2 for a usage or configuration error (e.g. a non-loopback address with no
+token), 1 when the server could not start (address in use, bad certificate).
+``ping``/``status``: 0 on an answer, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+
+from offload.errors import OffloadError
+
+
+def _tls_from(args: argparse.Namespace) -> object | None:
+    from offload.transport.net import TLS
+
+    if not (args.tls_cert or args.tls_ca or args.tls_key):
+        return None
+    return TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", help="certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA bundle: verify the peer's certificate")
+
+
+def _server_token(args: argparse.Namespace, loopback: bool) -> bytes:
+    from offload.client.remote import TOKEN_ENV, read_token_file
+
+    if args.token_file:
+        return read_token_file(args.token_file)
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip().encode()
+    if not loopback:
+        raise SystemExit2(
+            "refusing to listen on a non-loopback address without a token: pass "
+            "--token-file FILE or set OFFLOAD_TOKEN (the token is equivalent to a shell "
+            "on this machine)"
+        )
+    token = os.urandom(32).hex().encode()
+    directory = tempfile.mkdtemp(prefix="offload-")  # mode 0700
+    path = os.path.join(directory, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(token + b"\n")
+    print(f"offload: no token given; wrote a new one to {path}", file=sys.stderr, flush=True)
+    return token
+
+
+class SystemExit2(Exception):
+    """A usage or configuration error (exit status 2)."""
+
+
+def serve(args: argparse.Namespace) -> int:
+    from offload.server.server import Server
+    from offload.transport.net import parse_address
+
+    address = parse_address(args.listen)
+    token = _server_token(args, address.is_loopback())
+    server = Server(
+        args.listen,
+        token=token,
+        tls=_tls_from(args),  # type: ignore[arg-type]
+        workers=args.workers,
+        preload=tuple(args.preload or ()),
+        isolation=args.isolation,
+        max_connections=args.max_connections,
+    )
+    try:
+        bound = server.start()
+    except OSError as exc:
+        print(f"offload serve: cannot listen on {address}: {exc}", file=sys.stderr)
+        return 1
+    print(f"offload: serving on {bound} (pid {os.getpid()})", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(0.5):  # a bounded wait keeps signal handling responsive
+        pass
+    print(f"offload: draining (up to {args.drain_timeout:g} s)", file=sys.stderr, flush=True)
+    clean = server.stop(args.drain_timeout)
+    return 0 if clean else 3
+
+
+def _query(args: argparse.Namespace, status: bool) -> int:
+    from offload.client.remote import RemoteTarget, query
+
+    token = None
+    if args.token_file:
+        from offload.client.remote import read_token_file
+
+        token = read_token_file(args.token_file)
+    target = RemoteTarget.parse(args.address, token, _tls_from(args), None)  # type: ignore[arg-type]
+    try:
+        hello, answer, elapsed = query(target, args.timeout, status=status)
+    except (OffloadError, OSError) as exc:
+        print(f"offload: {args.address}: {exc}", file=sys.stderr)
+        return 1
+    if status:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(
+            f"pong from {args.address} ({hello.name}, pid {hello.pid}, offload "
+            f"{hello.offload_version}) in {elapsed * 1e3:.2f} ms"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``offload`` console script."""
+    parser = argparse.ArgumentParser(prog="offload", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="run a worker server")
+    p_serve.add_argument(
+        "--listen",
+        default="127.0.0.1:1111",
+        help="HOST:PORT, [V6]:PORT or unix:PATH (default 127.0.0.1:1111)",
+    )
+    p_serve.add_argument("--token-file", help="file holding the shared token (>= 32 bytes)")
+    _add_tls(p_serve)
+    p_serve.add_argument("--workers", type=int, default=None, help="calls run at once")
+    p_serve.add_argument("--preload", nargs="*", help="modules the workers import at start")
+    p_serve.add_argument("--isolation", choices=("pool", "process", "inline"), default="pool")
+    p_serve.add_argument("--max-connections", type=int, default=64)
+    p_serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running calls get to finish on SIGTERM",
+    )
+
+    for name, help_text in (("ping", "check a server answers"), ("status", "a server's state")):
+        q = sub.add_parser(name, help=help_text)
+        q.add_argument("address")
+        q.add_argument("--token-file", help="token file (else OFFLOAD_TOKEN / OFFLOAD_TOKEN_FILE)")
+        q.add_argument("--timeout", type=float, default=10.0)
+        _add_tls(q)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        return _query(args, status=args.command == "status")
+    except (SystemExit2, ValueError) as exc:
+        print(f"offload {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Remote workers: a connection to an ``offload serve`` server, standing in a slot of an
+:class:`~offload.client.engine.Engine` like a local process does.
+
+The server runs each call in a process of its own, so one call can be killed (``Kill``)
+without touching the others: remote slots are *independent* in the scheduler. A lost
+connection or a silent heartbeat fails the calls that were running there with
+:class:`~offload.ConnectionLost` (retried elsewhere when ``retries`` allows); the slot then
+reconnects with back-off, so a server that comes back is used again.
+
+Nothing the server sends is unpickled before it has proved the token
+(:mod:`offload.protocol.auth`).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from offload import protocol as p
+from offload.errors import AuthenticationError, NoWorkerAvailable, OffloadError, ProtocolError
+from offload.transport.channel import Channel
+from offload.transport.loop import Timer
+from offload.transport.net import TLS, Address, client_handshake, connect, parse_address
+
+if TYPE_CHECKING:
+    from offload.client.engine import Engine
+
+DEFAULT_HEARTBEAT = (5.0, 30.0)
+TOKEN_ENV = "OFFLOAD_TOKEN"
+TOKEN_FILE_ENV = "OFFLOAD_TOKEN_FILE"
+
+
+def resolve_token(token: bytes | str | None) -> bytes:
+    """The token to use: the argument, else ``OFFLOAD_TOKEN``, else the file named by
+    ``OFFLOAD_TOKEN_FILE``. Text tokens are used as their UTF-8 bytes, stripped.
+
+    Raises:
+        AuthenticationError: no token anywhere, or one shorter than 32 bytes.
+    """
+    from offload.protocol.auth import check_token
+
+    if token is None:
+        token = os.environ.get(TOKEN_ENV)
+    if token is None and os.environ.get(TOKEN_FILE_ENV):
+        token = read_token_file(os.environ[TOKEN_FILE_ENV])
+    if token is None:
+        raise AuthenticationError(
+            "no token: pass token=..., or set OFFLOAD_TOKEN or OFFLOAD_TOKEN_FILE"
+        )
+    if isinstance(token, str):
+        token = token.strip().encode()
+    return check_token(token)
+
+
+def read_token_file(path: str) -> bytes:
+    """Read a token file (its content, stripped of surrounding white space)."""
+    with open(path, "rb") as f:
+        return f.read().strip()
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """Where a remote slot connects, and how."""
+
+    address: Address
+    token: bytes
+    tls: TLS | None = None
+    heartbeat: tuple[float, float] = DEFAULT_HEARTBEAT
+
+    @classmethod
+    def parse(
+        cls,
+        address: str,
+        token: bytes | str | None,
+        tls: TLS | None,
+        heartbeat: tuple[float, float] | None,
+    ) -> RemoteTarget:
+        return cls(
+            parse_address(address), resolve_token(token), tls, heartbeat or DEFAULT_HEARTBEAT
+        )
+
+    def __repr__(self) -> str:  # never show the token
+        return f"RemoteTarget({self.address}, tls={self.tls is not None})"
+
+
+class RemoteProcess:
+    """One connection to a worker server, in an engine slot."""
+
+    def __init__(self, engine: Engine, slot: int, gen: int, name: str, target: RemoteTarget):
+        self.engine = engine
+        self.slot = slot
+        self.gen = gen
+        self.name = name or str(target.address)
+        self.target = target
+        self.loop = engine.loop
+        self.child = None
+        self.channel: Channel | None = None
+        self.ready = False
+        self.expected_exit = False
+        self.kill_reason = ""
+        self.server_pid: int | None = None
+        self._sent: set[int] = set()
+        self._timers: list[Timer] = []
+        self._last_seen = 0.0
+        self._ping_seq = 0
+        self._lost_reason = "disconnected"
+        self._lost_detail = ""
+        self._finished = False
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid (its calls run in its child processes)."""
+        return self.server_pid
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect on a thread of its own (the loop never waits for the network)."""
+        threading.Thread(target=self._connect, name="offload-connect", daemon=True).start()
+
+    def _connect(self) -> None:
+        target = self.target
+        timeout = self.engine.options.start_timeout
+        try:
+            sock = connect(target.address, timeout)
+        except OSError as exc:
+            self._start_failed(
+                NoWorkerAvailable(f"cannot reach the worker server {target.address}: {exc}")
+            )
+            return
+        try:
+            if target.tls is not None:
+                hostname = target.tls.server_hostname or (
+                    None if target.address.is_unix else target.address.host
+                )
+                sock = target.tls.client_context().wrap_socket(sock, server_hostname=hostname)
+            sealer, leftover = client_handshake(
+                sock, target.token, timeout, sealed=target.tls is None
+            )
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            sock.close()
+            self._start_failed(AuthenticationError(f"TLS with {target.address} failed: {exc}"))
+            return
+        except (AuthenticationError, ProtocolError, OSError) as exc:
+            sock.close()
+            if not isinstance(exc, OffloadError):
+                exc = AuthenticationError(f"the handshake with {target.address} failed: {exc}")
+            self._start_failed(exc)
+            return
+        sock.settimeout(None)
+        conn = p.Connection(
+            "client",
+            name=self.engine.label,
+            pid=os.getpid(),
+            max_message_size=self.engine.options.max_message_size,
+        )
+        conn.sealer = sealer
+        self.channel = Channel(sock, conn, self.loop, threaded=target.tls is not None)
+        self.channel.on_messages = self._on_messages
+        self.channel.on_close = self._on_close
+        self.channel.start(initial=leftover)
+
+    def _start_failed(self, error: OffloadError) -> None:
+        self.expected_exit = True
+        self._finished = True
+        self.loop.call_soon(self.engine.start_failed, self, error)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _on_messages(self, msgs: list[p.Message]) -> None:
+        self._last_seen = self.loop.clock()
+        results: list[p.Result] = []
+        for msg in msgs:
+            match msg:
+                case p.Result():
+                    self._sent.discard(msg.call_id)
+                    results.append(msg)
+                case p.Progress():
+                    self.engine.on_progress(msg)
+                case p.Hello():
+                    self._handshake_done(msg)
+                case p.Pong() | p.Status():
+                    pass
+                case p.Failure(message=message):
+                    self._lost_detail = f"closed the connection: {message}"
+                case p.Goodbye():
+                    self._lost_detail = "shut down"
+                case _:
+                    self._lost_detail = f"broke the protocol (sent {type(msg).__name__})"
+                    if self.channel is not None:
+                        self.channel.abort()
+        if results:
+            self.engine.on_results(self, results)
+
+    def _handshake_done(self, hello: p.Hello) -> None:
+        self.server_pid = hello.pid
+        if hello.name:
+            self.name = hello.name
+        self.ready = True
+        interval, _ = self.target.heartbeat
+        self._last_seen = self.loop.clock()
+        self._timers.append(self.loop.call_later(interval, self._heartbeat))
+        self.engine.worker_ready(self, max(1, hello.slots))
+
+    def _heartbeat(self) -> None:
+        if self._finished or self.channel is None:
+            return
+        interval, timeout = self.target.heartbeat
+        if self.loop.clock() - self._last_seen > timeout:
+            self._lost_reason = "unresponsive"
+            self._lost_detail = f"did not answer heartbeats for {timeout:g} s"
+            self.channel.abort()
+            return
+        self._ping_seq += 1
+        self.channel.send(p.Ping(seq=self._ping_seq))
+        self._timers.append(self.loop.call_later(interval, self._heartbeat))
+
+    def _on_close(self, error: BaseException | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for timer in self._timers:
+            timer.cancel()
+        if not self.ready:
+            if isinstance(error, OffloadError):
+                self.engine.start_failed(self, error)
+            else:
+                self.engine.start_failed(
+                    self,
+                    NoWorkerAvailable(
+                        f"the worker server {self.target.address} closed the connection "
+                        "during the handshake"
+                    ),
+                )
+            return
+        if error is not None and not self._lost_detail:
+            self._lost_detail = f"broke the protocol ({error})"
+        from offload.client.engine import ExitInfo
+
+        info = ExitInfo(
+            name=self.name,
+            pid=self.server_pid,
+            exitcode=None,
+            signal=None,
+            reason=self._lost_reason,
+            stderr_tail="",
+            detail=self._lost_detail,
+            remote=True,
+        )
+        self.engine.process_exited(self, info)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def send_calls(self, calls: list[p.Call]) -> None:
+        """Send calls to the server."""
+        if self.channel is not None:
+            self._sent.update(call.call_id for call in calls)
+            self.channel.send_many(calls)
+
+    def pump(self, future: Any) -> None:
+        """Read the server's answers on the waiting thread for a moment."""
+        from offload.client.engine import PUMP_WINDOW
+
+        channel = self.channel
+        if channel is not None and not channel.threaded:
+            channel.pump(future.done, PUMP_WINDOW)
+
+    def kill_call(self, call_id: int) -> None:
+        """Ask the server to kill the process running ``call_id``."""
+        self._sent.discard(call_id)
+        if self.channel is not None:
+            self.channel.send(p.Kill(call_id=call_id))
+
+    def kill(self, reason: str = "") -> None:
+        """Kill every call this connection sent, then close it."""
+        self.expected_exit = True
+        self.kill_reason = reason
+        channel = self.channel
+        if channel is None:
+            return
+        for call_id in list(self._sent):
+            channel.send(p.Kill(call_id=call_id))
+        channel.send(p.Goodbye(reason=reason or "killed"))
+        self.loop.call_soon(channel.abort)
+
+    def stop(self) -> None:
+        """Close the connection once its calls are done (they are: the engine asks then)."""
+        self.expected_exit = True
+        channel = self.channel
+        if channel is None:
+            return
+        channel.send(p.Goodbye(reason="shutdown"))
+        self.loop.call_soon(channel.abort)
+
+    def rss(self) -> int:
+        """Remote processes are not measured here."""
+        return 0
+
+
+def query(
+    target: RemoteTarget, timeout: float, *, status: bool
+) -> tuple[p.Hello, dict[str, Any], float]:
+    """Connect, authenticate and ask once: (server Hello, status JSON or {}, round trip s).
+
+    For operators' ``offload ping`` and ``offload status``; no engine, no threads.
+
+    Raises:
+        AuthenticationError, VersionMismatch, ProtocolError, OSError.
+    """
+    import json
+    import time
+
+    sock = connect(target.address, timeout)
+    try:
+        if target.tls is not None:
+            hostname = target.tls.server_hostname or (
+                None if target.address.is_unix else target.address.host
+            )
+            sock = target.tls.client_context().wrap_socket(sock, server_hostname=hostname)
+        sealer, leftover = client_handshake(sock, target.token, timeout, sealed=target.tls is None)
+        conn = p.Connection("client", name="offload-cli", pid=os.getpid())
+        conn.sealer = sealer
+        started = time.perf_counter()
+        request: p.Message = p.StatusRequest() if status else p.Ping(seq=1)
+        sock.sendall(b"".join(bytes(c) for c in conn.hello() + conn.send(request)))
+        if leftover:
+            conn.receive_data(leftover)
+        hello: p.Hello | None = None
+        answer: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = conn.next_event()
+            if msg is p.NEED_DATA:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the server did not answer in time")
+                sock.settimeout(remaining)
+                data = sock.recv(65536)
+                conn.receive_data(data)  # b"" (the server closed) ends the loop
+                continue
+            if msg is p.CLOSED:
+                raise ProtocolError("the server closed the connection")
+            if isinstance(msg, p.Hello):
+                hello = msg
+            elif isinstance(msg, p.Status):
+                answer = json.loads(msg.json)
+                break
+            elif isinstance(msg, p.Pong):
+                break
+        elapsed = time.perf_counter() - started
+        assert hello is not None
+        return hello, answer, elapsed
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass

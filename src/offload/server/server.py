@@ -1,0 +1,484 @@
+"""``offload serve``: a worker server that runs authenticated clients' calls.
+
+Theory of operation
+-------------------
+1. An accept thread takes connections and hands each to a handshake thread of its own,
+   so a slow or silent peer never blocks the accept loop. At most
+   ``max_unauthenticated`` connections may be in their handshake at once; a new one
+   evicts the oldest (a flood of silent connections cannot lock good clients out), and
+   every handshake has a deadline.
+2. The handshake (TLS first when configured, then the token proof of
+   :mod:`offload.protocol.auth`) must succeed before the server reads a single protocol
+   frame; nothing is ever unpickled in the server process with ``isolation="pool"`` or
+   ``"process"``: calls are relayed as bytes to child worker processes, and their results
+   relayed back as bytes.
+3. An authenticated connection becomes a :class:`Session`; its frames are MAC'd with
+   session keys when there is no TLS. Calls run in the server's own pool of child
+   processes (``pool``), in a fresh process each (``process``), or in the server
+   process itself (``inline``, for debugging). A crash there fails that call with
+   ``WorkerCrashed`` (sent to the client); the server lives on.
+4. ``Kill`` from the client kills the process running that call. A client that vanishes
+   has its calls killed after ``disconnect_grace`` seconds.
+5. :meth:`Server.stop` drains: it stops accepting, lets running calls finish until the
+   deadline, then kills what is left.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from offload import protocol as p
+from offload.client.engine import Engine
+from offload.client.future import Future
+from offload.client.options import make_options
+from offload.errors import AuthenticationError, OffloadError, ProtocolError, WorkerKilled
+from offload.protocol.auth import check_token
+from offload.serde import dumps
+from offload.transport.channel import Channel
+from offload.transport.loop import get_loop
+from offload.transport.net import (
+    TLS,
+    Address,
+    bound_address,
+    listen,
+    parse_address,
+    server_handshake,
+)
+
+log = logging.getLogger("offload")
+ISOLATIONS = ("pool", "process", "inline")
+
+
+class Server:
+    """A worker server.
+
+    Args:
+        listen: ``host:port``, ``[v6]:port`` or ``unix:PATH``.
+        token: the shared secret (at least 32 bytes). Required; ``offload serve`` makes
+            one for loopback addresses when none is given.
+        tls: TLS settings (certificate, key, and a CA to require client certificates).
+        workers: calls run at once (worker processes for ``pool``).
+        preload: modules the workers import at start.
+        isolation: ``"pool"``, ``"process"`` or ``"inline"``.
+        max_connections: authenticated clients at once.
+        max_unauthenticated: connections in their handshake at once.
+        handshake_timeout: seconds a connection has to authenticate.
+        disconnect_grace: seconds before a vanished client's calls are killed.
+        worker_options: further worker options for the child processes.
+
+    Raises:
+        ValueError: a non-loopback address without a token, or another bad setting.
+    """
+
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:1111",
+        *,
+        token: bytes,
+        tls: TLS | None = None,
+        workers: int | None = None,
+        preload: tuple[str, ...] = (),
+        isolation: str = "pool",
+        max_connections: int = 64,
+        max_unauthenticated: int = 128,
+        handshake_timeout: float = 10.0,
+        disconnect_grace: float = 5.0,
+        worker_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.address: Address = parse_address(listen)
+        if token is None:
+            raise ValueError("a worker server needs a token")
+        self.token = check_token(token)
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}")
+        self.tls = tls
+        self.workers = workers or os.cpu_count() or 1
+        self.isolation = isolation
+        self.max_connections = max_connections
+        self.max_unauthenticated = max_unauthenticated
+        self.handshake_timeout = handshake_timeout
+        self.disconnect_grace = disconnect_grace
+        self.loop = get_loop()
+        options = dict(worker_options or {})
+        options.setdefault("preload", preload)
+        options.setdefault("name", "offload-server-worker")
+        self._worker_options = make_options(**options)
+        self._ssl = tls.server_context() if tls is not None else None
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._pending: collections.OrderedDict[int, socket.socket] = collections.OrderedDict()
+        self._sessions: set[Session] = set()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+        self._engine: Engine | None = None
+        self._inline: _InlineRunner | None = None
+        self.started_at = time.time()
+        self.calls_served = 0
+        self.calls_failed = 0
+
+    # -- life ----------------------------------------------------------------------------
+
+    def start(self) -> Address:
+        """Bind, start the workers and the accept thread; return the bound address."""
+        self._listener = listen(self.address)
+        self.address = bound_address(self._listener, self.address)
+        if self.isolation == "inline":
+            self._inline = _InlineRunner(self.workers)
+        else:
+            options = self._worker_options
+            if self.isolation == "process":
+                from dataclasses import replace
+
+                options = replace(options, max_tasks=1)
+            names = [f"{options.name}-{i + 1}" for i in range(self.workers)]
+            self._engine = Engine(
+                options, self.workers, keep_warm=True, label="offload-server", names=names
+            )
+            self._engine.start()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="offload-server-accept", daemon=True
+        )
+        self._accept_thread.start()
+        log.info("offload: serving on %s (isolation=%s)", self.address, self.isolation)
+        return self.address
+
+    def serve_forever(self) -> None:
+        """Block until :meth:`stop` finished."""
+        self._stopped.wait()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop accepting, let running calls finish for up to ``timeout`` seconds, then
+        kill what is left and close every connection.
+
+        Returns:
+            True if every call finished by itself, False if some had to be killed.
+        """
+        self._stopping.set()
+        if self._listener is not None:
+            if self.address.is_unix:
+                try:
+                    os.unlink(self.address.host)
+                except OSError:
+                    pass
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for sock in pending:
+            _close(sock)
+        clean = True
+        deadline = time.monotonic() + timeout
+        for session in list(self._sessions):
+            clean &= session.wait_idle(max(0.0, deadline - time.monotonic()))
+        if self._engine is not None:
+            self._engine.shutdown(
+                wait=True,
+                cancel_futures=True,
+                timeout=0 if not clean else max(0.0, deadline - time.monotonic()),
+            )
+        if self._inline is not None:
+            self._inline.shutdown()
+        for session in list(self._sessions):
+            session.close()
+        self._stopped.set()
+        return clean
+
+    # -- accepting -----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            with self._lock:
+                evicted = None
+                if len(self._pending) >= self.max_unauthenticated:
+                    _, evicted = self._pending.popitem(last=False)
+                self._pending[id(sock)] = sock
+            if evicted is not None:
+                _close(evicted)  # its handshake thread fails and ends
+            threading.Thread(
+                target=self._authenticate,
+                args=(sock,),
+                name="offload-server-handshake",
+                daemon=True,
+            ).start()
+
+    def _authenticate(self, sock: socket.socket) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
+        conn: socket.socket = sock
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.handshake_timeout)
+            if self._ssl is not None:
+                conn = self._ssl.wrap_socket(sock, server_side=True)
+            sealer, leftover = server_handshake(
+                conn, self.token, max(0.01, deadline - time.monotonic()), sealed=self._ssl is None
+            )
+        except (OSError, ssl.SSLError, AuthenticationError, ProtocolError, ValueError) as exc:
+            log.info("offload: rejected a connection: %s", exc)
+            with self._lock:
+                self._pending.pop(id(sock), None)
+            _close(conn)
+            return
+        with self._lock:
+            if self._pending.pop(id(sock), None) is None or self._stopping.is_set():
+                _close(conn)  # evicted meanwhile, or the server is stopping
+                return
+            if len(self._sessions) >= self.max_connections:
+                log.warning("offload: refusing a client: max_connections reached")
+                _close(conn)
+                return
+            conn.settimeout(None)
+            session = Session(self, conn, sealer, leftover)
+            self._sessions.add(session)
+        session.start()
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def run(self, call: p.Call, on_progress: Any) -> Future[p.Result]:
+        """Run a relayed call on this server's workers."""
+        if self._inline is not None:
+            return self._inline.submit(call)
+        assert self._engine is not None
+        return self._engine.submit_raw(call, on_progress=on_progress)
+
+    def status(self) -> dict[str, Any]:
+        """The JSON-able state reported by ``offload status``."""
+        busy = queued = 0
+        if self._engine is not None:
+            with self._engine.lock:
+                counts = self._engine.scheduler.counts()
+            busy, queued = counts.running, counts.queued
+        elif self._inline is not None:
+            busy = self._inline.busy
+        offload_version, protocol_version, python_version = p.versions()
+        return {
+            "offload": offload_version,
+            "protocol": protocol_version,
+            "python": python_version,
+            "pid": os.getpid(),
+            "address": str(self.address),
+            "isolation": self.isolation,
+            "slots": self.workers,
+            "busy": busy,
+            "queued": queued,
+            "calls_served": self.calls_served,
+            "calls_failed": self.calls_failed,
+            "connections": len(self._sessions),
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+
+
+class Session:
+    """One authenticated client connection."""
+
+    def __init__(self, server: Server, sock: socket.socket, sealer: Any, leftover: bytes) -> None:
+        self.server = server
+        conn = p.Connection(
+            "server",
+            name=f"offload-server@{server.address}",
+            pid=os.getpid(),
+            slots=server.workers,
+            max_message_size=server._worker_options.max_message_size,
+        )
+        conn.sealer = sealer
+        self.channel = Channel(sock, conn, server.loop, threaded=isinstance(sock, ssl.SSLSocket))
+        self.channel.on_messages = self._on_messages
+        self.channel.on_close = self._on_close
+        self._leftover = leftover
+        self.calls: dict[int, Future[p.Result]] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.closed = False
+
+    def start(self) -> None:
+        self.channel.start(initial=self._leftover)
+
+    def _on_messages(self, msgs: list[p.Message]) -> None:
+        for msg in msgs:
+            match msg:
+                case p.Call():
+                    self._run(msg)
+                case p.Kill(call_id=call_id):
+                    with self._lock:
+                        fut = self.calls.get(call_id)
+                    if fut is not None:
+                        fut.kill()
+                case p.Cancel(call_id=call_id):
+                    with self._lock:
+                        fut = self.calls.get(call_id)
+                    if fut is not None:
+                        fut.cancel()
+                case p.Ping(seq=seq):
+                    self.channel.send(p.Pong(seq=seq))
+                case p.StatusRequest():
+                    self.channel.send(p.Status(json=json.dumps(self.server.status())))
+                case p.Goodbye():
+                    self.close()
+                case p.Hello() | p.Pong():
+                    pass
+                case _:
+                    self.channel.send(p.Failure(message=f"unexpected {type(msg).__name__}"))
+                    self.close()
+
+    def _run(self, call: p.Call) -> None:
+        client_id = call.call_id
+
+        def progress(msg: p.Progress) -> None:
+            self.channel.send(
+                p.Progress(call_id=client_id, payload=msg.payload, buffers=msg.buffers)
+            )
+
+        try:
+            fut = self.server.run(call, progress)
+        except RuntimeError:  # stopping
+            self._send_error(client_id, OffloadError("the server is shutting down"))
+            return
+        with self._lock:
+            self.calls[client_id] = fut
+        fut.add_done_callback(lambda f: self._done(client_id, f))
+
+    def _done(self, client_id: int, fut: concurrent.futures.Future[p.Result]) -> None:
+        with self._lock:
+            self.calls.pop(client_id, None)
+            self._idle.notify_all()
+        if fut.cancelled():
+            self._send_error(client_id, WorkerKilled("the call was cancelled on the server"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.server.calls_failed += 1
+            self._send_error(client_id, exc)
+            return
+        msg = fut.result()
+        self.server.calls_served += 1
+        self.channel.send(
+            p.Result(
+                call_id=client_id,
+                status=msg.status,
+                elapsed=msg.elapsed,
+                type_name=msg.type_name,
+                message=msg.message,
+                traceback=msg.traceback,
+                payload=msg.payload,
+                buffers=msg.buffers,
+            )
+        )
+
+    def _send_error(self, client_id: int, exc: BaseException) -> None:
+        try:
+            data, buffers = dumps(exc)
+        except Exception:  # noqa: BLE001 - offload's own errors always pickle
+            data, buffers = dumps(OffloadError(str(exc)))
+        self.channel.send(
+            p.Result(
+                call_id=client_id,
+                status=p.FAILED,
+                type_name=type(exc).__name__,
+                message=str(exc),
+                payload=data,
+                buffers=tuple(buffers),
+            )
+        )
+
+    def _on_close(self, error: BaseException | None) -> None:
+        if error is not None:
+            log.info("offload: a client broke the protocol: %s", error)
+        self.closed = True
+        with self._lock:
+            running = list(self.calls.values())
+        if running:
+            # The client may come back; its calls die only if it stays away.
+            self.server.loop.call_later(self.server.disconnect_grace, self._kill_orphans)
+        else:
+            self.server._forget(self)
+
+    def _kill_orphans(self) -> None:
+        with self._lock:
+            running = list(self.calls.values())
+        for fut in running:
+            fut.kill()
+        self.server._forget(self)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait for this session's calls to finish; False if some still run."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.calls:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        """Close the connection (its calls follow the disconnect rule)."""
+        if not self.channel.closed:
+            self.server.loop.call_soon(self.channel.abort)
+
+
+class _InlineRunner:
+    """``isolation="inline"``: calls run on threads of the server process itself."""
+
+    def __init__(self, workers: int) -> None:
+        import concurrent.futures
+
+        from offload.worker.runtime import Runtime
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="offload-inline"
+        )
+        self._runtime = Runtime({"fd": -1, "name": "inline", "concurrency": workers})
+        self.busy = 0
+
+    def submit(self, call: p.Call) -> Future[p.Result]:
+        fut: Future[p.Result] = Future()
+        fut.set_running_or_notify_cancel()
+
+        def run() -> None:
+            self.busy += 1
+            try:
+                result = self._runtime.timed_run(call)
+            finally:
+                self.busy -= 1
+            fut._resolve_value(result)
+
+        self._pool.submit(run)
+        return fut
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
