@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-import tempfile
-import threading
 
 from offload.errors import OffloadError
 
@@ -34,39 +30,11 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA bundle: verify the peer's certificate")
 
 
-def _server_token(args: argparse.Namespace, loopback: bool) -> bytes:
-    from offload.client.remote import TOKEN_ENV, read_token_file
-
-    if args.token_file:
-        return read_token_file(args.token_file)
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV].strip().encode()
-    if not loopback:
-        raise SystemExit2(
-            "refusing to listen on a non-loopback address without a token: pass "
-            "--token-file FILE or set OFFLOAD_TOKEN (the token is equivalent to a shell "
-            "on this machine)"
-        )
-    token = os.urandom(32).hex().encode()
-    directory = tempfile.mkdtemp(prefix="offload-")  # mode 0700
-    path = os.path.join(directory, "token")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(token + b"\n")
-    print(f"offload: no token given; wrote a new one to {path}", file=sys.stderr, flush=True)
-    return token
-
-
-class SystemExit2(Exception):
-    """A usage or configuration error (exit status 2)."""
-
-
 def serve(args: argparse.Namespace) -> int:
-    from offload.server.server import Server
+    from offload.server.server import Server, serve_until_signalled, server_token
     from offload.transport.net import parse_address
 
-    address = parse_address(args.listen)
-    token = _server_token(args, address.is_loopback())
+    token = server_token(parse_address(args.listen), args.token_file)
     server = Server(
         args.listen,
         token=token,
@@ -76,24 +44,7 @@ def serve(args: argparse.Namespace) -> int:
         isolation=args.isolation,
         max_connections=args.max_connections,
     )
-    try:
-        bound = server.start()
-    except OSError as exc:
-        print(f"offload serve: cannot listen on {address}: {exc}", file=sys.stderr)
-        return 1
-    print(f"offload: serving on {bound} (pid {os.getpid()})", flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(0.5):  # a bounded wait keeps signal handling responsive
-        pass
-    print(f"offload: draining (up to {args.drain_timeout:g} s)", file=sys.stderr, flush=True)
-    clean = server.stop(args.drain_timeout)
-    return 0 if clean else 3
+    return serve_until_signalled(server, args.drain_timeout)
 
 
 def _query(args: argparse.Namespace, status: bool) -> int:
@@ -156,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         return _query(args, status=args.command == "status")
-    except (SystemExit2, ValueError) as exc:
+    except ValueError as exc:
         print(f"offload {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -204,6 +204,9 @@ class WorkerProcess:
 
     def start(self) -> None:
         """Launch the process (loop thread)."""
+        if self.expected_exit:  # killed before it was even launched
+            self.engine.discard(self)
+            return
         opts = self.engine.options
         spec = LaunchSpec(
             name=self.name,
@@ -218,13 +221,15 @@ class WorkerProcess:
         )
         try:
             self.child, sock = launch(spec, self.loop, self._on_exit)
-        except (OSError, ValueError, subprocess_error()) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops a launch is a StartError
             self.expected_exit = True
             self.engine.start_failed(
                 self,
                 StartError(f"worker {self.name} could not be started: {exc}", worker=self.name),
             )
             return
+        if self.expected_exit:  # killed while it was being launched
+            self.child.terminate()
         conn = p.Connection(
             "client",
             name=self.engine.label,
@@ -408,8 +413,9 @@ class WorkerProcess:
             self.channel.send(p.Shutdown())
 
     def kill_call(self, call_id: int) -> None:
-        """Local slots die whole (see :class:`KillWorker`); never asked for one call."""
-        self.kill("killed")
+        """Drop a call sent ahead that has not started (the worker skips it)."""
+        if self.channel is not None:
+            self.channel.send(p.Cancel(call_id=call_id))
 
     def kill(self, reason: str = "") -> None:
         """Kill the process group now: SIGTERM, then SIGKILL after a short grace."""
@@ -443,12 +449,6 @@ class WorkerProcess:
             f"exited with status {exitcode}" if reason == "exit" else f"killed by {signal_name}",
         )
         self.engine.process_exited(self, info)
-
-
-def subprocess_error() -> type[BaseException]:
-    import subprocess
-
-    return subprocess.SubprocessError
 
 
 def _getpid() -> int:
@@ -715,8 +715,18 @@ class Engine:
             event.set()
         self._resolve(deferred)
 
+    def discard(self, proc: SlotProcess) -> None:
+        """Forget a slot process that never ran (killed or failed before launching)."""
+        with self.lock:
+            self.procs.pop((proc.slot, proc.gen), None)
+            if self.current.get(proc.slot) is proc:
+                del self.current[proc.slot]
+            self.exited.notify_all()
+
     def start_failed(self, proc: SlotProcess, error: OffloadError) -> None:
         log.warning("offload: %s", error)
+        if proc.child is None:  # nothing was launched, so no exit will be reported
+            self.discard(proc)
         with self.lock:
             self._last_start_error[proc.slot] = error
             event = self._ready_events.get(proc.slot)

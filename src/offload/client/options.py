@@ -75,6 +75,10 @@ class WorkerOptions:
             raise ValueError(f"shutdown_on must be one of {', '.join(SHUTDOWN_ON)}")
         if self.shutdown_on == "heartbeat_timeout" and self.heartbeat is None:
             raise ValueError("shutdown_on='heartbeat_timeout' needs heartbeat=(interval, timeout)")
+        if self.env is not None:
+            for key, value in self.env.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise TypeError(f"env must map str to str; got {key!r}: {value!r}")
         if self.initializer is not None and not callable(self.initializer):
             raise TypeError("initializer must be callable")
         if self.where is not None and not isinstance(self.where, str):

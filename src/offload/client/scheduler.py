@@ -89,8 +89,9 @@ class KillWorker:
 
 @dataclass(frozen=True, slots=True)
 class KillCall:
-    """Stop one call on an *independent* slot (a remote server runs each call in its own
-    process, so one call dies and the slot lives on); the call is already resolved."""
+    """Stop one call without the slot's process: on an *independent* slot (a remote
+    server runs each call in its own process), or a call sent ahead that has not started
+    (the worker drops it). The call is already resolved."""
 
     slot: int
     gen: int
@@ -247,7 +248,9 @@ class Scheduler:
             del self.calls[call_id]
             return [Resolve(call_id, Outcome.KILLED)]
         slot = self.slots[entry.slot]
-        if slot.independent:
+        if slot.independent or entry.started_at is None:
+            # One call of a server, or a call sent ahead that has not started: the
+            # worker drops it (KillCall -> Cancel) and the calls it runs go on.
             return self._kill_one(slot, call_id, Outcome.KILLED, now)
         return self._kill_slot(slot, "killed", now, primary=call_id, outcome=Outcome.KILLED)
 

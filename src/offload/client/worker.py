@@ -8,6 +8,7 @@ process (``w.pid`` changes).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
@@ -220,25 +221,51 @@ def connect(
 
 
 _delegate_defaults: dict[str, Any] = {}
+_delegate_remote: Worker | None = None
+_delegate_lock = threading.Lock()
 
 
 def set_delegate_defaults(**options: Any) -> None:
-    """Options every :func:`delegate` call uses (set by ``offload.init``)."""
-    _delegate_defaults.clear()
-    _delegate_defaults.update(options)
+    """Options every :func:`delegate` call uses (set by ``offload.init``); with
+    ``where="host:port"`` (and ``token``), delegated calls go to that worker server."""
+    global _delegate_remote
+    with _delegate_lock:
+        _delegate_defaults.clear()
+        _delegate_defaults.update(options)
+        old, _delegate_remote = _delegate_remote, None
+    if old is not None:
+        old.shutdown(wait=False)
 
 
 def delegate(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
     """Start ``fn(*args, **kwargs)`` at once in a fresh worker process of its own
     (Procord's ``delegate``); the process exits when the call is done.
 
-    Use a :class:`~offload.Pool` to reuse processes across calls.
+    After ``offload.init()`` with ``--offload-host`` (or ``where=``), the call goes to
+    that worker server instead, over one connection shared by every delegated call (the
+    server runs each call in an isolated process). Use a :class:`~offload.Pool` to reuse
+    local processes across calls.
 
     Returns:
         The call's future.
     """
-    opts = make_options(**_delegate_defaults).with_name(None)
+    global _delegate_remote
     target, timeout, retries = call_settings(fn)
+    options = dict(_delegate_defaults)
+    if options.get("where"):
+        with _delegate_lock:
+            remote = _delegate_remote
+            if remote is None:
+                token = options.pop("token", None)
+                tls = options.pop("tls", None)
+                opts = make_options(**options)
+                assert opts.where is not None
+                remote_target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
+                remote = _delegate_remote = Worker(opts, wait=False, remote=remote_target)
+        return remote._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+    options.pop("token", None)
+    options.pop("tls", None)
+    opts = make_options(**options).with_name(None)
     worker = Worker(opts, wait=False)
     engine = worker._engine
     engine.scheduler.max_tasks = 1

@@ -318,6 +318,9 @@ def launch(
     Raises:
         OSError: the process could not be started (e.g. the interpreter does not exist).
     """
+    for mode in (spec.stdout, spec.stderr):
+        if mode not in ("inherit", "devnull", "prefix"):
+            open(mode, "ab").close()
     if spec.start_method == "fork":
         return _launch_fork(spec, loop, on_exit)
     if spec.start_method == "forkserver":

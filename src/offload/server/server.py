@@ -482,3 +482,62 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def server_token(address: Address, token_file: str | None) -> bytes:
+    """The token a server uses: ``token_file``, else ``OFFLOAD_TOKEN``; on a loopback
+    address with neither, a new random token written to a fresh 0600 file whose path is
+    printed on stderr.
+
+    Raises:
+        ValueError: a non-loopback address and no token (the token is a shell on this
+            machine; listening without one would hand that out to the network).
+    """
+    from offload.client.remote import TOKEN_ENV, read_token_file
+
+    if token_file:
+        return read_token_file(token_file)
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip().encode()
+    if not address.is_loopback():
+        raise ValueError(
+            f"refusing to listen on {address} without a token: pass --token-file FILE or "
+            "set OFFLOAD_TOKEN (whoever holds the token can run any code on this machine)"
+        )
+    import sys
+    import tempfile
+
+    token = os.urandom(32).hex().encode()
+    directory = tempfile.mkdtemp(prefix="offload-")  # mode 0700
+    path = os.path.join(directory, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(token + b"\n")
+    print(f"offload: no token given; wrote a new one to {path}", file=sys.stderr, flush=True)
+    return token
+
+
+def serve_until_signalled(server: Server, drain_timeout: float) -> int:
+    """Start ``server``, serve until SIGTERM or SIGINT, drain; return the exit status
+    (0: every call finished; 3: calls were killed at the drain deadline; 1: could not
+    start)."""
+    import signal
+    import sys
+
+    try:
+        bound = server.start()
+    except OSError as exc:
+        print(f"offload serve: cannot listen on {server.address}: {exc}", file=sys.stderr)
+        return 1
+    print(f"offload: serving on {bound} (pid {os.getpid()})", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(0.5):  # a bounded wait keeps the main thread able to see signals
+        pass
+    print(f"offload: draining (up to {drain_timeout:g} s)", file=sys.stderr, flush=True)
+    return 0 if server.stop(drain_timeout) else 3

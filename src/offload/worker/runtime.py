@@ -183,7 +183,11 @@ class Runtime:
     def inline_loop(self) -> None:
         """Inline mode: read and run calls on this thread; returns on Shutdown."""
         while True:
-            for msg in self.read_batch():
+            batch = self.read_batch()
+            for msg in batch:  # a Cancel read with its call must win over running it
+                if isinstance(msg, p.Cancel):
+                    self.cancelled.add(msg.call_id)
+            for msg in batch:
                 if isinstance(msg, p.Call):
                     if msg.call_id in self.cancelled:
                         self.cancelled.discard(msg.call_id)
@@ -352,8 +356,16 @@ def _set_title(name: str) -> None:
         pass
 
 
+# The parent-death signal. Not SIGTERM: a SIGTERM may come from anyone (and the parent
+# is then alive to clean up after us), while this one means the parent is gone, so the
+# worker must take its whole process group along itself. The kernel sends it when the
+# parent *thread* that forked us exits, which can be a moment before the parent process
+# is gone and getppid() changes, so the signal itself must say it.
+PARENT_DEATH_SIGNAL = _signal.SIGHUP
+
+
 def _set_parent_death_signal(parent_pid: int) -> None:
-    """Linux: have the kernel send SIGTERM when the parent dies (backup for the lifeline)."""
+    """Linux: have the kernel signal us when the parent dies (backup for the lifeline)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -361,7 +373,7 @@ def _set_parent_death_signal(parent_pid: int) -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, _signal.SIGTERM, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, PARENT_DEATH_SIGNAL, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if parent_pid and os.getppid() != parent_pid:
@@ -404,14 +416,18 @@ def run_worker(settings: dict[str, Any] | None = None) -> NoReturn:
     _set_title(name)
     runtime = _runtime = Runtime(settings)
 
+    def on_parent_death(signum: int, frame: Any) -> None:
+        runtime.die("the parent died")  # take the whole process group along
+
     def on_sigterm(signum: int, frame: Any) -> None:
         if runtime.parent_pid and os.getppid() != runtime.parent_pid:
-            runtime.die("the parent died")  # parent-death signal: take the group along
-        # Someone else asked us to stop: die of SIGTERM, so the exit status says so
-        # (the parent then kills the rest of the process group).
+            runtime.die("the parent died")
+        # Someone asked us to stop: die of SIGTERM, so the exit status says so (the
+        # parent then kills the rest of the process group).
         _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
         os.kill(os.getpid(), _signal.SIGTERM)
 
+    _signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
     _signal.signal(_signal.SIGTERM, on_sigterm)
     if sys.stdout is not None and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
