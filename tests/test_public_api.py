@@ -30,8 +30,7 @@ def test_worker_start_up_imports_stay_small() -> None:
     # A worker imports offload.worker.runtime first; keep the client side, typing and
     # hashlib out of it (each costs milliseconds on every worker start).
     code = (
-        "import sys; import offload.worker.runtime; "
-        "print(' '.join(sorted(m for m in sys.modules)))"
+        "import sys; import offload.worker.runtime; print(' '.join(sorted(m for m in sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

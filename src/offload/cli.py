@@ -43,6 +43,8 @@ def serve(args: argparse.Namespace) -> int:
         preload=tuple(args.preload or ()),
         isolation=args.isolation,
         max_connections=args.max_connections,
+        max_unauthenticated=args.max_unauthenticated,
+        handshake_timeout=args.handshake_timeout,
     )
     return serve_until_signalled(server, args.drain_timeout)
 
