@@ -836,8 +836,8 @@ class Engine:
                         )
                         + " before finishing its handshake"
                         + (
-                            "; with start_method='reexec' the program must call "
-                            "offload.init() first"
+                            "; with start_method='reexec' the program must be able to run "
+                            "again and call offload.init() first"
                             if self.options.start_method == "reexec"
                             else ""
                         )

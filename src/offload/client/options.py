@@ -73,6 +73,12 @@ class WorkerOptions:
                 )
         if self.shutdown_on not in SHUTDOWN_ON:
             raise ValueError(f"shutdown_on must be one of {', '.join(SHUTDOWN_ON)}")
+        if self.shutdown_on == "explicit":
+            raise ValueError(
+                "shutdown_on='explicit' needs a worker that others can reach by address "
+                "after its creator is gone (served actor handles, SPEC section 8), which "
+                "this release does not have; use 'parent_exit' or 'heartbeat_timeout'"
+            )
         if self.shutdown_on == "heartbeat_timeout" and self.heartbeat is None:
             raise ValueError("shutdown_on='heartbeat_timeout' needs heartbeat=(interval, timeout)")
         if self.env is not None:

@@ -51,8 +51,14 @@ def worker_argv(spec: LaunchSpec) -> list[str]:
         return [spec.python, "-c", "from offload.worker.runtime import run_worker; run_worker()"]
     if spec.start_method == "reexec":
         argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
-        if getattr(sys, "frozen", False):
-            argv[0] = sys.executable
+        argv[0] = sys.executable  # absolute, so a worker cwd= cannot break it
+        script = sys.argv[0] if sys.argv else ""
+        if script and script not in ("-c", "-m") and os.path.exists(script):
+            # The same program, found from any working directory.
+            for i in range(1, len(argv)):
+                if argv[i] == script:
+                    argv[i] = os.path.abspath(script)
+                    break
         return argv
     raise ValueError(f"unknown start_method {spec.start_method!r}")
 
@@ -402,6 +408,10 @@ def become_worker(
             os.dup2(stdout_w, 1)
         os.dup2(stderr_w, 2)
         _close_other_fds({0, 1, 2, sock_fd, *keep})
+        # The parent's sys.stdout/sys.stderr may be objects on fds just closed (output
+        # capture, a redirected stream): the worker writes to its own fds 1 and 2.
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         if spec.cwd is not None:
             os.chdir(spec.cwd)
         if spec.umask is not None:
