@@ -511,6 +511,7 @@ class Engine:
         self._ready_events: dict[int, threading.Event] = {}
         self._waiting_call = 0  # a call whose submitter will block on it (lock held)
         self._killed_pids: dict[int, tuple[int, int | None]] = {}  # slot -> (gen, pid)
+        self._started_slots: set[int] = set()  # a later start there is a restart
         self._claimed: Channel | None = None  # channel that submitter now reads
         self._last_start_error: dict[int, OffloadError] = {}
 
@@ -907,8 +908,9 @@ class Engine:
                     if proc is not None:
                         proc.send_calls(messages)
                 case StartWorker(slot=slot, gen=gen):
-                    if slot in self.current:
+                    if slot in self._started_slots:
                         self.restarts += 1
+                    self._started_slots.add(slot)
                     target = self.remotes.get(slot)
                     if target is None:
                         proc = WorkerProcess(self, slot, gen, self.names[slot])

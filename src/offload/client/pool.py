@@ -263,8 +263,9 @@ class Pool(concurrent.futures.Executor):
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            # Ctrl-C: cancel what is queued, kill what runs, let the interrupt go on.
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Ctrl-C, or the program exiting (SystemExit, e.g. from a SIGTERM handler):
+            # cancel what is queued, kill what runs, let the exception go on at once.
             self.shutdown(wait=True, kill=True)
         else:
             self.shutdown(wait=True)
@@ -273,8 +274,8 @@ class Pool(concurrent.futures.Executor):
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        kill = exc_type is not None and issubclass(
-            exc_type, (KeyboardInterrupt, asyncio.CancelledError)
+        kill = exc_type is not None and (
+            not issubclass(exc_type, Exception) or issubclass(exc_type, asyncio.CancelledError)
         )
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.shutdown(wait=True, kill=kill)

@@ -258,10 +258,14 @@ class Scheduler:
         """Kill every worker; running calls fail with WorkerKilled (shutdown(kill=True))."""
         actions: list[Action] = []
         for slot in self.slots:
-            running = [c for c in slot.outstanding if self.calls[c].started_at is not None]
+            # After shutdown, calls sent ahead die with the worker too (nothing may start
+            # a replacement for them); otherwise they go to the next process.
+            victims = [
+                c for c in slot.outstanding if self.closed or self.calls[c].started_at is not None
+            ]
             if slot.state in (SlotState.READY, SlotState.RETIRING, SlotState.STARTING):
                 actions += self._kill_slot(
-                    slot, "shutdown", now, primary=None, outcome=Outcome.KILLED, victims=running
+                    slot, "shutdown", now, primary=None, outcome=Outcome.KILLED, victims=victims
                 )
         return actions
 
@@ -523,10 +527,10 @@ class Scheduler:
             else:
                 del self.calls[call_id]
                 actions.append(Resolve(call_id, Outcome.COLLATERAL, slot.index, primary, old_gen))
-        if primary is not None and primary in waiting:  # killed before it started
-            waiting.remove(primary)
-            del self.calls[primary]
-            actions.append(Resolve(primary, outcome, slot.index, primary, old_gen))
+        for call_id in [c for c in waiting if c in victims]:  # killed before they started
+            waiting.remove(call_id)
+            del self.calls[call_id]
+            actions.append(Resolve(call_id, outcome, slot.index, primary, old_gen))
         self._requeue_front(retry + waiting)
         slot.outstanding.clear()
         slot.state = SlotState.EMPTY
