@@ -91,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--isolation", choices=("pool", "process", "inline"), default="pool")
     p_serve.add_argument("--max-connections", type=int, default=64)
     p_serve.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=128,
+        help="connections in their handshake at once (past it, the oldest is dropped)",
+    )
+    p_serve.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to authenticate",
+    )
+    p_serve.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         return _query(args, status=args.command == "status")
-    except ValueError as exc:
+    except (ValueError, OffloadError, OSError) as exc:  # configuration: bad address, token
         print(f"offload {args.command}: {exc}", file=sys.stderr)
         return 2
 

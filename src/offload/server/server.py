@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import json
 import logging
 import os
@@ -203,6 +204,7 @@ class Server:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        keys = itertools.count(1)
         while not self._stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
@@ -210,21 +212,30 @@ class Server:
                 if self._stopping.is_set():
                     return
                 continue
+            key = next(keys)
             with self._lock:
                 evicted = None
                 if len(self._pending) >= self.max_unauthenticated:
                     _, evicted = self._pending.popitem(last=False)
-                self._pending[id(sock)] = sock
+                self._pending[key] = sock
             if evicted is not None:
                 _close(evicted)  # its handshake thread fails and ends
+            # A hard deadline, whatever the peer does byte by byte.
+            self.loop.call_later(self.handshake_timeout, self._expire, key)
             threading.Thread(
                 target=self._authenticate,
-                args=(sock,),
+                args=(key, sock),
                 name="offload-server-handshake",
                 daemon=True,
             ).start()
 
-    def _authenticate(self, sock: socket.socket) -> None:
+    def _expire(self, key: int) -> None:
+        with self._lock:
+            sock = self._pending.pop(key, None)
+        if sock is not None:
+            _close(sock)
+
+    def _authenticate(self, key: int, sock: socket.socket) -> None:
         deadline = time.monotonic() + self.handshake_timeout
         conn: socket.socket = sock
         try:
@@ -232,19 +243,24 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.handshake_timeout)
             if self._ssl is not None:
-                conn = self._ssl.wrap_socket(sock, server_side=True)
+                conn = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                with self._lock:
+                    if key not in self._pending:
+                        raise ConnectionAbortedError("evicted")
+                    self._pending[key] = conn  # eviction and the deadline close this one now
+                conn.do_handshake()
             sealer, leftover = server_handshake(
                 conn, self.token, max(0.01, deadline - time.monotonic()), sealed=self._ssl is None
             )
         except (OSError, ssl.SSLError, AuthenticationError, ProtocolError, ValueError) as exc:
             log.info("offload: rejected a connection: %s", exc)
             with self._lock:
-                self._pending.pop(id(sock), None)
+                self._pending.pop(key, None)
             _close(conn)
             return
         with self._lock:
-            if self._pending.pop(id(sock), None) is None or self._stopping.is_set():
-                _close(conn)  # evicted meanwhile, or the server is stopping
+            if self._pending.pop(key, None) is None or self._stopping.is_set():
+                _close(conn)  # evicted or expired meanwhile, or the server is stopping
                 return
             if len(self._sessions) >= self.max_connections:
                 log.warning("offload: refusing a client: max_connections reached")
