@@ -883,6 +883,7 @@ class Engine:
             self._timer = None
             self._timer_at = None
             deferred = self._apply(self.scheduler.tick(self.loop.clock()))
+            self._arm_timer()  # for the deadlines still ahead
         self._resolve(deferred)
 
     # -- carrying out actions ------------------------------------------------------------
@@ -936,7 +937,9 @@ class Engine:
                         proc.stop()
                 case Resolve():
                     deferred.append(action)
-        self._arm_timer()
+        if actions or self.scheduler.wakeup_changed:
+            self.scheduler.wakeup_changed = False
+            self._arm_timer()
         return deferred
 
     def _arm_timer(self) -> None:

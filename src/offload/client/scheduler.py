@@ -205,6 +205,8 @@ class Scheduler:
         self.queue: deque[int] = deque()
         self.closed = False
         self._deadlines: list[tuple[float, int]] = []
+        # Set when a deadline or a back-off time was added: the driver re-arms its timer.
+        self.wakeup_changed = False
 
     # -- events from the caller ----------------------------------------------------------
 
@@ -219,12 +221,21 @@ class Scheduler:
     def submit(self, call_id: int, timeout: float | None, retries: int, now: float) -> list[Action]:
         """A new call."""
         self.calls[call_id] = CallEntry(call_id, timeout, retries)
+        if self.queue and not self._failed:
+            # Calls are waiting already, so no slot has room: nothing to decide until
+            # an event frees one (the common case in a flood of submissions).
+            self.queue.append(call_id)
+            return []
         self.queue.append(call_id)
         for slot in self.slots:
             if slot.state is SlotState.FAILED:
                 slot.state = SlotState.EMPTY
                 slot.start_failures = 0
         return self._schedule(now)
+
+    @property
+    def _failed(self) -> bool:
+        return any(slot.state is SlotState.FAILED for slot in self.slots)
 
     def cancel(self, call_id: int) -> bool:
         """Drop a call that is still queued in the parent; False if it was sent already."""
@@ -313,6 +324,7 @@ class Scheduler:
         else:
             slot.state = SlotState.BACKOFF
             slot.retry_at = now + self.backoff * 2 ** (slot.start_failures - 1)
+            self.wakeup_changed = True
         return actions + self._schedule(now)
 
     def result(
@@ -466,6 +478,7 @@ class Scheduler:
                 if entry.timeout is not None:
                     entry.deadline = now + entry.timeout
                     heapq.heappush(self._deadlines, (entry.deadline, call_id))
+                    self.wakeup_changed = True
 
     def _requeue_front(self, call_ids: list[int]) -> None:
         for call_id in reversed(call_ids):

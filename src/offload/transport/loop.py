@@ -193,7 +193,8 @@ class Loop:
                 if self._ready:
                     timeout = 0.0
                 elif self._timers:
-                    timeout = max(0.0, self._timers[0][0] - self.clock())
+                    # Capped: a far-away timer must not overflow the poll timeout.
+                    timeout = min(3600.0, max(0.0, self._timers[0][0] - self.clock()))
             events = self._selector.select(timeout)
             for key, _ in events:
                 if key.data is None:
