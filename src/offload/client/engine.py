@@ -695,6 +695,9 @@ class Engine:
             proc = self.current.get(slot)
             if proc is not None and proc.ready:
                 return
+            err = self._last_start_error.pop(slot, None)
+            if err is not None:  # it failed before we started waiting
+                raise err
             event = self._ready_events.setdefault(slot, threading.Event())
         event.wait()
         with self.lock:
