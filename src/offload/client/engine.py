@@ -585,8 +585,8 @@ class Engine:
             )
             return future
         record = CallRecord(call_id, future, message, fn, args, kwargs, timeout)
-        future._killer = lambda: self.kill_call(call_id)
-        future._canceller = lambda: self.cancel(call_id)
+        future._owner = self
+        future._call_id = call_id
         with self.lock:
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
@@ -629,8 +629,8 @@ class Engine:
         record = CallRecord(
             call_id, future, message, call.target, (), {}, timeout, True, on_progress
         )
-        future._killer = lambda: self.kill_call(call_id)
-        future._canceller = lambda: self.cancel(call_id)
+        future._owner = self
+        future._call_id = call_id
         with self.lock:
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")

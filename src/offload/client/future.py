@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from offload.errors import ExecutionError
 
@@ -60,6 +60,13 @@ class Cancelled:
 Status = Working | Success[Any] | Raised | Failed | Cancelled
 
 
+class CallOwner(Protocol):
+    """What runs a future's call: it can drop the call or kill it."""
+
+    def cancel(self, call_id: int) -> bool: ...
+    def kill_call(self, call_id: int) -> bool: ...
+
+
 class Future(concurrent.futures.Future[T]):
     """The pending result of a call in another process. Always resolves.
 
@@ -70,8 +77,9 @@ class Future(concurrent.futures.Future[T]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._killer: Callable[[], bool] | None = None
-        self._canceller: Callable[[], bool] | None = None
+        # Whoever runs the call (an Engine) and its id there: kill() and cancel() ask it.
+        self._owner: CallOwner | None = None
+        self._call_id = 0
         # Set while the call is on a worker: reads the worker's answer on the waiting
         # thread (see offload.transport.channel.Channel.pump).
         self._pump: Callable[[Future[Any]], None] | None = None
@@ -120,8 +128,8 @@ class Future(concurrent.futures.Future[T]):
         Returns:
             True if the call will never run.
         """
-        canceller = self._canceller
-        if canceller is not None and not self.done() and not canceller():
+        owner = self._owner
+        if owner is not None and not self.done() and not owner.cancel(self._call_id):
             return False
         return super().cancel()
 
@@ -139,8 +147,8 @@ class Future(concurrent.futures.Future[T]):
             return False
         if self.cancel():
             return True
-        killer = self._killer
-        return killer() if killer is not None else False
+        owner = self._owner
+        return owner.kill_call(self._call_id) if owner is not None else False
 
     # -- progress ------------------------------------------------------------------------
 

@@ -574,8 +574,8 @@ class Scheduler:
         if self.fixed_prefetch is not None:
             return self.fixed_prefetch
         avg = self.avg_duration
-        if avg is None:
-            return slot.capacity
+        if avg is None:  # nothing known yet: a call might be long, keep slots balanced
+            return 0 if len(self.slots) > 1 else slot.capacity
         if avg < 0.0005:
             return 32 * slot.capacity
         if avg < 0.005:

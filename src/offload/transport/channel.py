@@ -10,8 +10,10 @@ for a clean close).
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,6 +54,7 @@ class Channel:
         self._reading = False
         self._read_buf = bytearray(_READ_SIZE)
         self._read_view = memoryview(self._read_buf)
+        self._poller: select.poll | None = None  # for waiting threads (see pump)
 
     def start(self, initial: bytes = b"") -> None:
         """Send our Hello and start reading; ``initial`` are bytes already received."""
@@ -176,12 +179,11 @@ class Channel:
             self._read_lock.release()
 
     def _pump_locked(self, done: Callable[[], bool], window: float) -> None:
-        import select
-        import time
-
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
         deadline = time.monotonic() + window
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
         while not done() and not self._closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

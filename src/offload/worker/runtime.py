@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 SETTINGS_ENV = "OFFLOAD_WORKER"
 INIT_KIND = 2  # Call.kind for the initializer, sent before any user call
+# Bytes of an OK Result besides its payload and buffers: tag and numbers (25), three
+# empty strings (12), the payload's length (4) and the buffer count (4).
+_RESULT_OVERHEAD = 45
 # Reads go into one preallocated buffer: allocating a fresh 256 KiB bytes object per
 # read costs an mmap/munmap pair, more than the rest of a small call's round trip.
 _READ_SIZE = 1 << 18
@@ -289,9 +292,8 @@ class Runtime:
                 f"{type_name(exc)}: {exc}",
                 traceback=_format(exc),
             )
-        result = p.Result(call_id=call.call_id, status=p.OK, payload=data, buffers=tuple(buffers))
-        if not self.conn.fits(result):
-            size = sum(memoryview(b).nbytes for b in buffers) + len(data)
+        size = len(data) + sum(8 + b.nbytes for b in buffers)
+        if size + _RESULT_OVERHEAD > self.max_message_size:
             return p.Result(
                 call_id=call.call_id,
                 status=p.BAD_RESULT,
@@ -299,7 +301,7 @@ class Runtime:
                 message=f"the result ({type_name(value)}, {size} bytes pickled) exceeds "
                 f"max_message_size ({self.max_message_size} bytes)",
             )
-        return result
+        return p.Result(call_id=call.call_id, status=p.OK, payload=data, buffers=tuple(buffers))
 
     def _raised(self, call_id: int, exc: BaseException) -> p.Result:
         tb = _format(exc, skip=1)
