@@ -262,8 +262,10 @@ class Scheduler:
         if slot.independent or entry.started_at is None:
             # One call of a server, or a call sent ahead that has not started: the
             # worker drops it (KillCall -> Cancel) and the calls it runs go on.
-            return self._kill_one(slot, call_id, Outcome.KILLED, now)
-        return self._kill_slot(slot, "killed", now, primary=call_id, outcome=Outcome.KILLED)
+            actions = self._kill_one(slot, call_id, Outcome.KILLED, now)
+        else:
+            actions = self._kill_slot(slot, "killed", now, primary=call_id, outcome=Outcome.KILLED)
+        return actions + self._schedule(now)
 
     def kill_all(self, now: float) -> list[Action]:
         """Kill every worker; running calls fail with WorkerKilled (shutdown(kill=True))."""
@@ -278,7 +280,7 @@ class Scheduler:
                 actions += self._kill_slot(
                     slot, "shutdown", now, primary=None, outcome=Outcome.KILLED, victims=victims
                 )
-        return actions
+        return actions + self._schedule(now)
 
     def shutdown(self, cancel_queued: bool, now: float) -> list[Action]:
         """No more submissions; idle workers stop once the queue has drained."""
@@ -316,7 +318,8 @@ class Scheduler:
         actions: list[Action] = []
         if slot.start_failures >= self.max_start_failures:
             slot.state = SlotState.FAILED
-            if not any(s.state in (SlotState.READY, SlotState.STARTING) for s in self.slots):
+            usable = (SlotState.READY, SlotState.STARTING, SlotState.RETIRING, SlotState.BACKOFF)
+            if not any(s.state in usable for s in self.slots):
                 while self.queue:
                     call_id = self.queue.popleft()
                     del self.calls[call_id]
@@ -381,7 +384,7 @@ class Scheduler:
             return self.start_failed(slot_index, gen, now, cause)
         if slot.state not in (SlotState.READY, SlotState.RETIRING):
             return []
-        return self._fail_slot(slot, now, cause, Outcome.CRASHED)
+        return self._fail_slot(slot, now, cause, Outcome.CRASHED) + self._schedule(now)
 
     def worker_failed(self, slot_index: int, gen: int, now: float, cause: Any) -> list[Action]:
         """The driver decided the process of ``slot``/``gen`` must die (over memory,
@@ -391,7 +394,7 @@ class Scheduler:
             return []
         old_gen = slot.gen
         actions = self._fail_slot(slot, now, cause, Outcome.CRASHED)
-        return [KillWorker(slot_index, old_gen, "failed"), *actions]
+        return [KillWorker(slot_index, old_gen, "failed"), *actions, *self._schedule(now)]
 
     def recycle(self, slot_index: int, gen: int, now: float) -> list[Action]:
         """Replace the process of ``slot``/``gen`` once its calls finish (memory_limit)."""
@@ -404,15 +407,27 @@ class Scheduler:
     def tick(self, now: float) -> list[Action]:
         """Time passed: fire timeouts and restart slots whose back-off is over."""
         actions: list[Action] = []
+        expired: dict[int, list[int]] = {}  # slot -> calls whose own deadline passed
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, call_id = heapq.heappop(self._deadlines)
             entry = self.calls.get(call_id)
             if entry is None or entry.deadline != deadline or entry.slot is None:
                 continue
-            slot = self.slots[entry.slot]
-            actions += self._kill_slot(
-                slot, "timeout", now, primary=call_id, outcome=Outcome.TIMEOUT
-            )
+            expired.setdefault(entry.slot, []).append(call_id)
+        for index, call_ids in expired.items():
+            slot = self.slots[index]
+            if slot.independent:
+                for call_id in call_ids:
+                    actions += self._kill_one(slot, call_id, Outcome.TIMEOUT, now)
+            else:  # one kill for all of them; each of them timed out itself
+                actions += self._kill_slot(
+                    slot,
+                    "timeout",
+                    now,
+                    primary=call_ids[0],
+                    outcome=Outcome.TIMEOUT,
+                    victims=call_ids,
+                )
         for slot in self.slots:
             if slot.state is SlotState.BACKOFF and slot.retry_at <= now:
                 slot.state = SlotState.EMPTY
@@ -490,7 +505,8 @@ class Scheduler:
 
     def _fail_slot(self, slot: Slot, now: float, cause: Any, outcome: Outcome) -> list[Action]:
         """The slot's process is gone: resolve or retry its running calls, requeue the
-        rest, and empty the slot."""
+        rest, and empty the slot. (Like every ``_kill``/``_fail`` helper it does not
+        schedule: an event may kill several slots, and only then is it safe to send.)"""
         actions: list[Action] = []
         running, waiting = self._split(slot)
         retry: list[int] = []
@@ -506,7 +522,7 @@ class Scheduler:
         slot.outstanding.clear()
         slot.state = SlotState.EMPTY
         slot.gen += 1  # later events about the dead process are stale
-        return actions + self._schedule(now)
+        return actions
 
     def closed_to(self, call_id: int) -> bool:
         """Whether a retry is impossible (reserved for remote host loss; always False)."""
@@ -548,7 +564,7 @@ class Scheduler:
         slot.outstanding.clear()
         slot.state = SlotState.EMPTY
         slot.gen += 1
-        return actions + self._schedule(now)
+        return actions
 
     def _kill_one(self, slot: Slot, call_id: int, outcome: Outcome, now: float) -> list[Action]:
         """Stop one call of an independent slot; the slot keeps its other calls."""
@@ -562,7 +578,7 @@ class Scheduler:
             Resolve(call_id, outcome, slot.index, call_id, slot.gen),
         ]
         self._mark_running(slot, now)
-        return actions + self._schedule(now)
+        return actions
 
     def _split(self, slot: Slot) -> tuple[list[int], list[int]]:
         running = [c for c in slot.outstanding if self.calls[c].started_at is not None]
@@ -609,7 +625,10 @@ class Scheduler:
             self._mark_running(best, now)
         for index, call_ids in sends.items():
             actions.append(SendCalls(index, self.slots[index].gen, tuple(call_ids)))
-        demand = len(self.queue)
+        # Calls that slots already starting will take do not need another process.
+        demand = len(self.queue) - sum(
+            s.capacity for s in self.slots if s.state in (SlotState.STARTING, SlotState.BACKOFF)
+        )
         for slot in self.slots:
             retiring = slot.state is SlotState.RETIRING
             closing = slot.state is SlotState.READY and self.closed and not self.queue

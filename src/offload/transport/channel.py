@@ -137,7 +137,9 @@ class Channel:
             if self._closed:
                 return
             try:
-                n = self.sock.recv_into(self._read_buf)
+                # Non-blocking: a waiting thread (see pump) may have read the bytes that
+                # woke us, and a blocking read would then stall the loop for everyone.
+                n = self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:
