@@ -44,6 +44,7 @@ test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.bench-installed
+	$(BIN)/python -m compileall -q src >/dev/null  # workers start from fresh bytecode
 	$(BIN)/python -m benchmarks
 
 lint: $(VENV)/.dev-installed

@@ -40,7 +40,9 @@ _pool_ids = itertools.count(1)
 # A chunk should take about this long: long enough that its round trip is noise, short
 # enough that the last chunks still spread over every worker.
 _CHUNK_TARGET = 0.01
-_MAX_CHUNK = 4096
+_MAX_CHUNK = 16384
+# At most this many items are read ahead of the results (bounded memory on huge inputs).
+_MAX_INFLIGHT_ITEMS = 4 * _MAX_CHUNK
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +155,20 @@ class Pool(concurrent.futures.Executor):
         Raises:
             the first failed item's exception, when iteration reaches it.
         """
-        items = zip(*iterables, strict=False)
+        if len(iterables) == 1:  # items travel bare, not as 1-tuples
+            items: Iterator[Any] = iter(iterables[0])
+            star = False
+        else:
+            items, star = zip(*iterables, strict=False), True
         return self._map(
-            fn, items, timeout, chunksize, progress, ordered=True, total=_length(iterables)
+            fn,
+            items,
+            timeout,
+            chunksize,
+            progress,
+            ordered=True,
+            total=_length(iterables),
+            star=star,
         )
 
     def imap_unordered(
@@ -167,21 +180,28 @@ class Pool(concurrent.futures.Executor):
         progress: bool = False,
     ) -> Iterator[T]:
         """Like :meth:`map` with one iterable, but yield results as they finish."""
-        items = ((item,) for item in iterable)
         return self._map(
-            fn, items, None, chunksize, progress, ordered=False, total=_length((iterable,))
+            fn,
+            iter(iterable),
+            None,
+            chunksize,
+            progress,
+            ordered=False,
+            total=_length((iterable,)),
+            star=False,
         )
 
     def _map(
         self,
         fn: Callable[..., T],
-        items: Iterator[tuple[Any, ...]],
+        items: Iterator[Any],
         timeout: float | None,
         chunksize: int | None,
         progress: bool,
         *,
         ordered: bool,
         total: int | None,
+        star: bool,
     ) -> Iterator[T]:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
@@ -199,6 +219,8 @@ class Pool(concurrent.futures.Executor):
             retries=retries,
             ordered=ordered,
             bar=bar,
+            total=total,
+            star=star,
         ).results()
 
     # -- state -------------------------------------------------------------------------
@@ -319,7 +341,7 @@ class _MapRun:
         self,
         pool: Pool,
         fn: Any,
-        items: Iterator[tuple[Any, ...]],
+        items: Iterator[Any],
         *,
         timeout: float | None,
         chunksize: int | None,
@@ -327,13 +349,21 @@ class _MapRun:
         retries: int,
         ordered: bool,
         bar: Any,
+        total: int | None = None,
+        star: bool = True,
     ) -> None:
         self.pool = pool
+        self.star = star  # items are argument tuples (several iterables) or single values
         self.fn = fn
         self.items = items
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.fixed = chunksize
-        self.size = chunksize or 1
+        # Automatic chunks start small (a call may be long) unless the input is known to
+        # be large, and grow fourfold while they finish quickly.
+        workers = max(1, pool._workers)
+        self.size = chunksize or (
+            max(1, min(64, total // (workers * 64))) if total is not None else 1
+        )
         self.call_timeout = call_timeout
         self.retries = retries
         self.ordered = ordered
@@ -342,12 +372,17 @@ class _MapRun:
         # Enough chunks in flight to keep every slot and its prefetch busy.
         self.window = max(4, 4 * pool._workers * engine.options.concurrency)
         self.exhausted = False
+        self.inflight_items = 0
         self.inflight: deque[tuple[Future[Any], int, float]] = deque()
         self.done_event = threading.Condition()
         self.finished: deque[tuple[Future[Any], int, float]] = deque()
 
     def _fill(self) -> None:
-        while not self.exhausted and len(self.inflight) < self.window:
+        while (
+            not self.exhausted
+            and len(self.inflight) < self.window
+            and (len(self.inflight) < 2 or self.inflight_items < _MAX_INFLIGHT_ITEMS)
+        ):
             chunk = list(itertools.islice(self.items, self.size))
             if not chunk:
                 self.exhausted = True
@@ -355,9 +390,14 @@ class _MapRun:
             # Calls carry the task's per-call timeout, scaled by the chunk's length.
             timeout = None if self.call_timeout is None else self.call_timeout * len(chunk)
             fut = self.pool._engine.submit(
-                run_chunk, (self.fn, chunk), {}, timeout=timeout, retries=self.retries
+                run_chunk,
+                (self.fn, chunk, self.star),
+                {},
+                timeout=timeout,
+                retries=self.retries,
             )
             entry = (fut, len(chunk), time.monotonic())
+            self.inflight_items += len(chunk)
             self.inflight.append(entry)
             if not self.ordered:
                 fut.add_done_callback(functools.partial(self._on_done, entry))
@@ -372,7 +412,7 @@ class _MapRun:
             return
         took = time.monotonic() - started
         if took < _CHUNK_TARGET and self.size < _MAX_CHUNK:
-            self.size = min(_MAX_CHUNK, self.size * 2)
+            self.size = min(_MAX_CHUNK, self.size * 4)
         elif took > 4 * _CHUNK_TARGET and self.size > 1:
             self.size = max(1, self.size // 2)
 
@@ -387,6 +427,7 @@ class _MapRun:
             while self.inflight:
                 if self.ordered:
                     fut, count, started = self.inflight.popleft()
+                    self.inflight_items -= count
                     outcomes = fut.result(self._remaining())
                 else:
                     with self.done_event:
@@ -395,13 +436,18 @@ class _MapRun:
                         entry = self.finished.popleft()
                     self.inflight.remove(entry)
                     fut, count, started = entry
+                    self.inflight_items -= count
                     outcomes = fut.result()
                 self._grow(started, count)
                 self._fill()
-                for outcome in outcomes:
-                    if self.bar is not None:
-                        self.bar.update(1)
-                    yield _unpack(outcome)
+                all_ok, values = outcomes
+                if self.bar is not None:
+                    self.bar.update(len(values))
+                if all_ok:
+                    yield from values
+                else:
+                    for outcome in values:
+                        yield _unpack(outcome)
         finally:
             # Abandoned (break, exception, Ctrl-C): queued chunks never run.
             for fut, _, _ in self.inflight:

@@ -17,27 +17,56 @@ if TYPE_CHECKING:
     Outcome = tuple[Any, ...]
 
 
-def run_chunk(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]]) -> list[Outcome]:
-    """Call ``fn(*args)`` for each ``args`` in ``items``; never raises."""
-    from offload.serde import dumps, loads, type_name
+def run_chunk(fn: Callable[..., Any], items: Sequence[Any], star: bool = True) -> tuple[bool, Any]:
+    """Call ``fn(*item)`` (``star``) or ``fn(item)`` for each item, once each; never raises.
 
+    Returns ``(True, values)`` when every item succeeded (the fast, common case: one
+    list, no per-item wrapping), else ``(False, outcomes)`` with one outcome per item.
+    """
+    values: list[Any] = []
+    append = values.append
+    try:
+        if star:
+            for args in items:
+                append(fn(*args))
+        else:
+            for item in items:
+                append(fn(item))
+        return True, values
+    except BaseException as exc:  # noqa: BLE001 - the item at len(values) failed
+        failed = len(values)
+        outcomes: list[Outcome] = [(True, value) for value in values]
+        outcomes.append(_failure(exc))
+        rest = items[failed + 1 :]
+        outcomes += _run_each(fn, rest if star else [(item,) for item in rest])
+        return False, outcomes
+
+
+def _run_each(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]]) -> list[Outcome]:
     out: list[Outcome] = []
     for args in items:
         try:
             out.append((True, fn(*args)))
         except BaseException as exc:  # noqa: BLE001 - the item's own failure, whatever it is
-            import traceback
-
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            portable: BaseException | None = exc
-            try:
-                loads(*dumps(exc))
-            except BaseException:  # noqa: BLE001 - travels as text instead
-                portable = None
-            try:
-                message = str(exc)
-            except BaseException:  # noqa: BLE001
-                message = f"<unprintable {type_name(exc)}>"
-            exc.__traceback__ = None  # the frames stay here
-            out.append((False, portable, type_name(exc), message, tb))
+            out.append(_failure(exc))
     return out
+
+
+def _failure(exc: BaseException) -> Outcome:
+    """An item's exception as an outcome that pickles (or its description if not)."""
+    import traceback
+
+    from offload.serde import dumps, loads, type_name
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    portable: BaseException | None = exc
+    try:
+        loads(*dumps(exc))
+    except BaseException:  # noqa: BLE001 - travels as text instead
+        portable = None
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: BLE001
+        message = f"<unprintable {type_name(exc)}>"
+    exc.__traceback__ = None  # the frames stay here
+    return (False, portable, type_name(exc), message, tb)

@@ -1,0 +1,343 @@
+"""``python -m benchmarks [--quick] [--markdown] [--only NAME ...]``: run the benchmarks
+and print one table (medians, p99, ratios against the floor and against each peer)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from benchmarks import make_importable
+
+make_importable()
+
+from benchmarks import (  # noqa: E402
+    coldstart,
+    death,
+    pool_coldstart,
+    pool_failures,
+    pool_throughput,
+    remote,
+    report,
+    roundtrip,
+    timeout,
+)
+from benchmarks.report import Section, Target  # noqa: E402
+
+NAMES = (
+    "roundtrip",
+    "death",
+    "timeout",
+    "coldstart",
+    "pool-coldstart",
+    "pool-submit",
+    "pool-map",
+    "pool-failure",
+    "remote",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    calls: int = 2000  # round trip: measured calls per contender
+    warmup: int = 200
+    rounds: int = 4  # round trip: contenders alternate this many times
+    death_reps: int = 20
+    timeout_reps: int = 10
+    cold_reps: int = 10
+    give_up: float = 2.0  # seconds before a call that should have failed counts as hung
+    pool_calls: int = 20_000  # pool: tiny calls submitted at once, per run
+    pool_reps: int = 3
+    map_items: int = 200_000
+    map_reps: int = 3
+    chunksizes: tuple[int, ...] = (1, 100, 1000, 5000)  # tried for every peer's map
+    pool_cold_reps: int = 10
+    pool_failure_reps: int = 10
+    remote_pool_calls: int = 5000
+    remote_reps: int = 3
+    limit: float = 60.0  # seconds before a batch of calls counts as hung
+
+
+QUICK = Plan(
+    calls=200,
+    warmup=20,
+    rounds=2,
+    death_reps=3,
+    timeout_reps=3,
+    cold_reps=3,
+    give_up=1.0,
+    pool_calls=3000,
+    pool_reps=1,
+    map_items=40_000,
+    map_reps=1,
+    pool_cold_reps=3,
+    pool_failure_reps=3,
+    remote_pool_calls=1000,
+    remote_reps=1,
+    limit=30.0,
+)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _header(plan: Plan, quick: bool) -> str:
+    py = f"{platform.python_implementation()} {platform.python_version()}"
+    host = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
+    peers = ", ".join(
+        f"{d} {_version(d)}" for d in ("offload", "loky", "pebble", "mpire", "Pyro5", "rpyc")
+    )
+    run = "quick run" if quick else "full run"
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (
+        f"offload benchmarks ({run}, {when}): {py} on {host}; {peers}. "
+        f"Round trip: {plan.calls} calls after {plan.warmup} warm-up; deaths: "
+        f"{plan.death_reps} each; timeouts: {plan.timeout_reps}; cold starts: {plan.cold_reps}; "
+        f"pool of 2: {_runs(plan.pool_reps)} of {plan.pool_calls} calls, map: "
+        f"{_runs(plan.map_reps)} at the best chunk size; pool cold starts: "
+        f"{plan.pool_cold_reps}; pool failures: {plan.pool_failure_reps} each; remote pool: "
+        f"{_runs(plan.remote_reps)} of {plan.remote_pool_calls} calls."
+    )
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
+def _log(message: str) -> None:
+    print(f"benchmarks: {message}", file=sys.stderr, flush=True)
+
+
+def run(plan: Plan, only: set[str]) -> list[Section]:
+    sections: list[Section] = []
+    if "roundtrip" in only:
+        _log("round trip...")
+        sections.append(
+            Section(
+                "Round trip, abs(-1) on a warm worker",
+                "µs",
+                roundtrip.run(plan.calls, plan.warmup, plan.rounds),
+                floor="raw socketpair (floor)",
+                target=Target("≤ 1.5x the raw floor", 1.5, relative=True),
+            )
+        )
+    if "death" in only:
+        _log("worker death...")
+        by_mode = death.run(plan.death_reps, plan.give_up)
+        for mode, rows in by_mode.items():
+            sections.append(
+                Section(
+                    death.MODES[mode],
+                    "ms",
+                    rows,
+                    floor=rows[0].system,
+                    target=Target("≤ 5 ms", 0.005),
+                )
+            )
+    if "timeout" in only:
+        _log("per-call timeout...")
+        sections.append(
+            Section(
+                "Timeout 100 ms on sleep(10): lateness",
+                "ms",
+                timeout.run(plan.timeout_reps, plan.give_up),
+                target=Target("≤ 10 ms after the deadline", 0.010),
+            )
+        )
+    if "coldstart" in only:
+        _log("cold start...")
+        sections.append(
+            Section(
+                "Cold start: create worker → first result",
+                "ms",
+                coldstart.run(plan.cold_reps),
+                floor=coldstart.FLOOR,
+                target=Target("≤ 1.5x bare python -c pass", 1.5, relative=True),
+                notes=[note] if (note := coldstart.stale_bytecode_note()) else [],
+            )
+        )
+    sections += _pool_sections(plan, only)
+    if "remote" in only:
+        _log("remote...")
+        round_trip, throughput, notes = remote.run(
+            plan.calls,
+            plan.warmup,
+            plan.rounds,
+            pool_calls=plan.remote_pool_calls,
+            reps=plan.remote_reps,
+            limit=plan.limit,
+        )
+        sections.append(
+            Section(
+                "Remote round trip, abs(-1) over loopback",
+                "µs",
+                round_trip,
+                floor=remote.LOCAL,
+                subjects=(remote.CONNECT,),
+                target=Target("≤ 2x the local round trip", 2.0, relative=True),
+                notes=notes,
+            )
+        )
+        sections.append(
+            Section(
+                f"Remote pool: {plan.remote_pool_calls} tiny calls submitted at once",
+                "calls/s",
+                throughput,
+                floor=remote.LOCAL_POOL,
+                subjects=(remote.HOSTS_POOL,),
+            )
+        )
+    return sections
+
+
+def _pool_sections(plan: Plan, only: set[str]) -> list[Section]:
+    sections: list[Section] = []
+    if "pool-coldstart" in only:
+        _log("pool: cold start...")
+        sections.append(
+            Section(
+                "Pool of 2 cold start → first result: fresh interpreters",
+                "ms",
+                pool_coldstart.run_spawn(plan.pool_cold_reps),
+                floor=pool_coldstart.SPAWN_FLOOR,
+                subjects=("offload (spawn)",),
+                target=Target("≤ 1.5x two bare python starts", 1.5, relative=True),
+                # Said once: the single-worker cold start above carries the same note.
+                notes=[note]
+                if "coldstart" not in only and (note := coldstart.stale_bytecode_note())
+                else [],
+            )
+        )
+        sections.append(
+            Section(
+                "Pool of 2 cold start → first result: forks",
+                "ms",
+                pool_coldstart.run_fork(plan.pool_cold_reps),
+                floor=pool_coldstart.FORK_FLOOR,
+                subjects=("offload (fork)", "offload (forkserver, warm)"),
+                target=Target("≤ 2x two bare forks", 2.0, relative=True),
+            )
+        )
+    if "pool-submit" in only:
+        _log("pool: submit all, then wait all...")
+        sections.append(
+            Section(
+                f"Pool of 2: {plan.pool_calls} tiny calls submitted at once",
+                "calls/s",
+                pool_throughput.run_submit(plan.pool_calls, plan.pool_reps, plan.limit),
+                floor=pool_throughput.SUBMIT_FLOOR,
+                subjects=("offload (spawn)", "offload (fork)"),
+                target=Target("≥ 2x the best peer", 2.0, relative=True, best_peer=True),
+            )
+        )
+    if "pool-map" in only:
+        _log("pool: map...")
+        rows = pool_throughput.run_map(plan.map_items, plan.map_reps, plan.chunksizes, plan.limit)
+        sections.append(
+            Section(
+                f"Pool of 2: map over {plan.map_items} tiny items",
+                "items/s",
+                rows,
+                floor=pool_throughput.MAP_FLOOR,
+                target=Target("≥ the best peer", 1.0, relative=True, best_peer=True),
+                notes=[
+                    f"peers: the best of chunksize {', '.join(map(str, plan.chunksizes))}; "
+                    f"sizes below {pool_throughput.SMALL_CHUNK} tried on a tenth of the items"
+                ],
+            )
+        )
+    if "pool-failure" in only:
+        _log("pool: kill and timeout in a forkserver pool...")
+        by_mode = pool_failures.run(plan.pool_failure_reps, plan.give_up)
+        for mode, what in (("kill", "SIGKILL"), ("timeout", "timeout 100 ms")):
+            errors, answers = by_mode[mode]
+            since = "the kill" if mode == "kill" else "the deadline"
+            sections.append(
+                Section(
+                    f"Forkserver pool of 1: {what} → error",
+                    "ms",
+                    errors,
+                    target=Target(f"≤ 10 ms after {since}", 0.010),
+                )
+            )
+            sections.append(
+                Section(
+                    f"Forkserver pool of 1: {what} → replacement answers",
+                    "ms",
+                    answers,
+                    target=Target(f"≤ 20 ms after {since}", 0.020),
+                )
+            )
+    return sections
+
+
+def _reap_leftovers() -> None:
+    """Kill (by pid) any process this run started that is still alive."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    # multiprocessing's and loky's resource trackers are meant to outlive their pools:
+    # they exit by themselves when this process exits (end of file on their pipe).
+    # So are the forkserver templates (offload's and multiprocessing's): they exit when
+    # their control channel from this process closes.
+    children = [
+        proc
+        for proc in psutil.Process().children(recursive=True)
+        if not any("resource_tracker" in part or "forkserver" in part for part in _cmdline(proc))
+    ]
+    if not children:
+        return
+    _, alive = psutil.wait_procs(children, timeout=1.0)
+    for proc in alive:
+        try:
+            _log(f"killing leftover process {proc.pid} ({' '.join(proc.cmdline())[:80]})")
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2.0)
+
+
+def _cmdline(proc: Any) -> list[str]:
+    try:
+        return list(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone or not ours to read
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure offload against its peers and a raw floor; print one table.",
+    )
+    parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "--only", action="append", choices=NAMES, help="run only this benchmark (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else Plan()
+    started = time.perf_counter()
+    try:
+        sections = run(plan, set(args.only or NAMES))
+    finally:
+        _reap_leftovers()
+    header = _header(plan, args.quick)
+    render = report.render_markdown if args.markdown else report.render_text
+    print(render(sections, header))
+    _log(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
