@@ -21,15 +21,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar
 
 from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import make_options, next_worker_name
 from offload.client.remote import RemoteTarget
-from offload.client.worker import call_settings
+from offload.client.worker import Submitter, call_settings
 from offload.errors import RemoteError, RemoteTraceback
-from offload.tasks import Task
 from offload.transport.net import TLS
 from offload.worker.batch import run_chunk
 
@@ -60,7 +59,7 @@ class PoolStats:
     restarts: int
 
 
-class Pool(concurrent.futures.Executor):
+class Pool(Submitter, concurrent.futures.Executor):
     """A pool of worker processes.
 
     Args:
@@ -112,26 +111,7 @@ class Pool(concurrent.futures.Executor):
         )
         self._engine.start()
 
-    # -- submitting ----------------------------------------------------------------------
-
-    @overload
-    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
-    @overload
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
-    @overload
-    def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        """Run ``fn(*args, **kwargs)`` on a worker of the pool.
-
-        Returns:
-            A future that always resolves.
-
-        Raises:
-            RuntimeError: the pool was shut down.
-        """
-        target, timeout, retries = call_settings(fn)
-        return self._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+    # -- submitting (submit() comes from Submitter) ---------------------------------
 
     def map(
         self,

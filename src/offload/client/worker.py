@@ -33,7 +33,37 @@ def call_settings(fn: Any) -> tuple[Any, float | None, int]:
     raise TypeError(f"submit() needs a callable or a task name, not {type(fn).__name__}")
 
 
-class Worker:
+class Submitter:
+    """``submit()`` for everything that runs calls through an engine (worker handles,
+    pools): one typed signature, one place."""
+
+    _engine: Engine
+
+    @overload
+    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    @overload
+    def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a worker.
+
+        Args:
+            fn: a picklable callable, a :class:`~offload.Task`, or a registered task name.
+
+        Returns:
+            A future that always resolves: with the value, the task's own exception, or
+            an :class:`~offload.ExecutionError` saying what went wrong.
+
+        Raises:
+            RuntimeError: the worker or pool was shut down.
+        """
+        target, timeout, retries = call_settings(fn)
+        return self._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+
+
+class Worker(Submitter):
     """A handle on one worker process (restarted on demand after it dies).
 
     Use :func:`offload.spawn` to make one. Thread-safe.
@@ -94,29 +124,6 @@ class Worker:
         if proc.child is None:  # remote: the connection is the process
             return proc.ready and proc.channel is not None and not proc.channel.closed
         return proc.child.returncode is None
-
-    @overload
-    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
-    @overload
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
-    @overload
-    def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        """Run ``fn(*args, **kwargs)`` in the worker.
-
-        Args:
-            fn: a picklable callable, a :class:`~offload.Task`, or a registered task name.
-
-        Returns:
-            A future that always resolves: with the value, the task's own exception, or
-            an :class:`~offload.ExecutionError` saying what went wrong.
-
-        Raises:
-            RuntimeError: the worker was shut down.
-        """
-        target, timeout, retries = call_settings(fn)
-        return self._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
 
     @overload
     def call(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
