@@ -200,6 +200,10 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self.child.pid if self.child is not None else None
 
+    def __repr__(self) -> str:
+        state = "ready" if self.ready else "exiting" if self.expected_exit else "starting"
+        return f"<WorkerProcess {self.name} pid={self.pid} slot={self.slot} gen={self.gen} {state}>"
+
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -514,6 +518,15 @@ class Engine:
         self._started_slots: set[int] = set()  # a later start there is a restart
         self._claimed: Channel | None = None  # channel that submitter now reads
         self._last_start_error: dict[int, OffloadError] = {}
+
+    def __repr__(self) -> str:
+        counts = self.scheduler.counts()
+        state = " closed" if self.scheduler.closed else ""
+        return (
+            f"<Engine {self.label or '-'} slots={len(self.scheduler.slots)} busy={counts.busy} "
+            f"idle={counts.idle} starting={counts.starting} queued={counts.queued} "
+            f"running={counts.running}{state}>"
+        )
 
     # -- user-facing operations ----------------------------------------------------------
 

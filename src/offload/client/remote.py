@@ -115,6 +115,13 @@ class RemoteProcess:
         """The server's pid (its calls run in its child processes)."""
         return self.server_pid
 
+    def __repr__(self) -> str:
+        state = "ready" if self.ready else "closing" if self.expected_exit else "connecting"
+        return (
+            f"<RemoteProcess {self.target.address} pid={self.server_pid} slot={self.slot} "
+            f"{state} sent={len(self._sent)}>"
+        )
+
     # -- connecting ----------------------------------------------------------------------
 
     def start(self) -> None:

@@ -148,6 +148,10 @@ class ChildProcess:
         if reap is not None:
             self._watch_exit()
 
+    def __repr__(self) -> str:
+        state = "running" if self.returncode is None else f"exited {self.returncode}"
+        return f"<ChildProcess {self.name} pid={self.pid} {state}>"
+
     # -- output pipes --------------------------------------------------------------------
 
     def _watch_pipe(self, fd: int, sink: _Sink, keep_tail: bool) -> None:

@@ -127,6 +127,14 @@ class Server:
         self.calls_served = 0
         self.calls_failed = 0
 
+    def __repr__(self) -> str:
+        state = "stopping" if self._stopping.is_set() else "serving"
+        return (
+            f"<Server {self.address} {state} isolation={self.isolation} slots={self.workers} "
+            f"connections={len(self._sessions)} pending={len(self._pending)} "
+            f"served={self.calls_served}>"
+        )
+
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> Address:
@@ -335,6 +343,9 @@ class Session:
 
     def start(self) -> None:
         self.channel.start(initial=self._leftover)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.channel!r} calls={len(self.calls)}>"
 
     def _on_messages(self, msgs: list[p.Message]) -> None:
         for msg in msgs:

@@ -266,6 +266,12 @@ class Channel:
         """Close now and report it through ``on_close(None)`` (once)."""
         self._finish(None)
 
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self.conn.state.name.lower()
+        peer = self.conn.peer
+        who = f" peer={peer.role}:{peer.name}(pid {peer.pid})" if peer is not None else ""
+        return f"<Channel fd={self.sock.fileno()} {state}{who}>"
+
     @property
     def closed(self) -> bool:
         """Whether the channel is closed."""
