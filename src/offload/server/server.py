@@ -190,7 +190,7 @@ class Server:
             pending = list(self._pending.values())
             self._pending.clear()
         for sock in pending:
-            _close(sock)
+            _wake(sock)
         clean = True
         deadline = time.monotonic() + timeout
         for session in list(self._sessions):
@@ -227,7 +227,7 @@ class Server:
                     _, evicted = self._pending.popitem(last=False)
                 self._pending[key] = sock
             if evicted is not None:
-                _close(evicted)  # its handshake thread fails and ends
+                _wake(evicted)  # its handshake thread fails, closes it and ends
             # A hard deadline, whatever the peer does byte by byte.
             self.loop.call_later(self.handshake_timeout, self._expire, key)
             threading.Thread(
@@ -241,7 +241,7 @@ class Server:
         with self._lock:
             sock = self._pending.pop(key, None)
         if sock is not None:
-            _close(sock)
+            _wake(sock)
 
     def _authenticate(self, key: int, sock: socket.socket) -> None:
         deadline = time.monotonic() + self.handshake_timeout
@@ -503,11 +503,20 @@ class _InlineRunner:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _close(sock: socket.socket) -> None:
+def _wake(sock: socket.socket) -> None:
+    """End a connection that another thread (its handshake thread) owns: shut it down,
+    which wakes that thread, but never close it here. Closing would free the fd number
+    while the owner may still use it (say, in the middle of wrapping it for TLS), and the
+    next accepted connection could get that number. The owner closes it."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain method, TLS or not
+    except (OSError, ValueError):
         pass
+
+
+def _close(sock: socket.socket) -> None:
+    """Shut down and close a connection this thread owns."""
+    _wake(sock)
     sock.close()
 
 
