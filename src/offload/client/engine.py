@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,7 +238,7 @@ class WorkerProcess:
         conn = p.Connection(
             "client",
             name=self.engine.label,
-            pid=_getpid(),
+            pid=os.getpid(),
             max_message_size=opts.max_message_size,
         )
         self.channel = Channel(sock, conn, self.loop)
@@ -453,12 +454,6 @@ class WorkerProcess:
             f"exited with status {exitcode}" if reason == "exit" else f"killed by {signal_name}",
         )
         self.engine.process_exited(self, info)
-
-
-def _getpid() -> int:
-    import os
-
-    return os.getpid()
 
 
 class Engine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -134,8 +134,3 @@ def env_for_worker(options: WorkerOptions) -> dict[str, str]:
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError("env must map str to str")
     return env
-
-
-def seq(values: Sequence[Any]) -> tuple[Any, ...]:
-    """A tuple of ``values``."""
-    return tuple(values)

@@ -513,7 +513,7 @@ class Scheduler:
         for call_id in running:
             entry = self.calls[call_id]
             entry.attempts += 1
-            if entry.attempts <= entry.retries and not self.closed_to(call_id):
+            if entry.attempts <= entry.retries:
                 retry.append(call_id)
             else:
                 del self.calls[call_id]
@@ -523,10 +523,6 @@ class Scheduler:
         slot.state = SlotState.EMPTY
         slot.gen += 1  # later events about the dead process are stale
         return actions
-
-    def closed_to(self, call_id: int) -> bool:
-        """Whether a retry is impossible (reserved for remote host loss; always False)."""
-        return False
 
     def _kill_slot(
         self,
