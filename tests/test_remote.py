@@ -204,10 +204,11 @@ class ServerProcess:
         try:
             code = self.proc.wait(STOP_WAIT)
         except subprocess.TimeoutExpired:
+            log = self.log()  # before kill() closes it
             self.kill()
             raise AssertionError(
                 f"server pid {self.pid} did not exit within {STOP_WAIT:g} s of SIGTERM; "
-                f"stderr: {self.log()}"
+                f"stderr: {log}"
             ) from None
         self._close()
         if expect is not None:

@@ -580,7 +580,7 @@ class Engine:
             payload=data,
             buffers=tuple(buffers),
         )
-        size = len(data) + sum(b.nbytes for b in buffers)
+        size = len(data) + sum(b.nbytes for b in buffers) if buffers else len(data)
         if size > self.options.max_message_size:
             future._resolve_exception(
                 SerializationError(

@@ -24,6 +24,7 @@ from offload.errors import ExecutionError
 
 T = TypeVar("T")
 log = logging.getLogger("offload")
+_progress_lock = threading.Lock()  # guards every future's progress-callback list
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +86,9 @@ class Future(concurrent.futures.Future[T]):
         self._pump: Callable[[Future[Any]], None] | None = None
         self._task_raised = False
         self._progress: Any = None
-        self._progress_callbacks: list[Callable[[Any], Any]] = []
-        self._progress_lock = threading.Lock()
+        # Made on first use: most calls never report progress, and a flood of pending
+        # futures should not carry a list and a lock each.
+        self._progress_callbacks: list[Callable[[Any], Any]] | None = None
 
     # -- status --------------------------------------------------------------------------
 
@@ -159,13 +161,15 @@ class Future(concurrent.futures.Future[T]):
     def add_progress_callback(self, fn: Callable[[Any], Any]) -> None:
         """Call ``fn(value)`` (on offload's I/O thread) for every value the task reports
         from now on."""
-        with self._progress_lock:
+        with _progress_lock:
+            if self._progress_callbacks is None:
+                self._progress_callbacks = []
             self._progress_callbacks.append(fn)
 
     def _set_progress(self, value: Any) -> None:
         self._progress = value
-        with self._progress_lock:
-            callbacks = list(self._progress_callbacks)
+        with _progress_lock:
+            callbacks = list(self._progress_callbacks or ())
         for cb in callbacks:
             try:
                 cb(value)

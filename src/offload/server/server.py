@@ -185,7 +185,7 @@ class Server:
                 pass
             self._listener.close()
         if self._accept_thread is not None:
-            self._accept_thread.join()
+            self._accept_thread.join(5.0)  # bounded: a drain must never hang on it
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
@@ -575,5 +575,8 @@ def serve_until_signalled(server: Server, drain_timeout: float) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(0.5):  # a bounded wait keeps the main thread able to see signals
         pass
-    print(f"offload: draining (up to {drain_timeout:g} s)", file=sys.stderr, flush=True)
-    return 0 if server.stop(drain_timeout) else 3
+    print(f"offload: draining (up to {drain_timeout:g} s): {server!r}", file=sys.stderr, flush=True)
+    clean = server.stop(drain_timeout)
+    outcome = "drained" if clean else "killed the calls still running at the deadline"
+    print(f"offload: {outcome}; exiting", file=sys.stderr, flush=True)
+    return 0 if clean else 3
