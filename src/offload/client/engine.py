@@ -808,10 +808,9 @@ class Engine:
         if rss <= limit:
             return
         with self.lock:
-            counts_busy = any(
-                self.scheduler.slot_of(c) == (proc.slot, proc.gen) for c in self.records
-            )
-        if counts_busy:
+            slot = self.scheduler.slots[proc.slot]
+            busy = slot.gen == proc.gen and bool(slot.outstanding)
+        if busy:
             mib = 1 << 20
             self.worker_failed(
                 proc,
