@@ -74,6 +74,10 @@ class Future(concurrent.futures.Future[T]):
     Besides everything ``concurrent.futures.Future`` offers, it can be awaited from any
     running asyncio loop, polled with :meth:`status`, stopped with :meth:`kill` and
     watched with :meth:`progress` / :meth:`add_progress_callback`.
+
+    Done and progress callbacks run on offload's I/O thread (or on a thread that is
+    reading its own result); like asyncio callbacks they must be quick and must not wait
+    for other futures: hand longer work to a thread of your own.
     """
 
     def __init__(self) -> None:
