@@ -50,6 +50,14 @@ HOST = "127.0.0.1"
 _POLL = 0.02
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for servers a test starts: they get SIGTERM when the test process
+    dies, so a run ended abruptly (a pytest-timeout) leaves no server behind."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def serve_command(*args: str) -> list[str]:
     """The argv that runs ``offload serve ARGS`` in a fresh interpreter."""
     return [sys.executable, "-m", "offload.cli", "serve", *args]
@@ -109,6 +117,7 @@ class ServerProcess:
                 stderr=err,
                 env=self.env,
                 cwd=self.workdir,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - it only calls prctl()
             )
         self.pid = self.proc.pid
         return self.proc

@@ -38,6 +38,7 @@ import remote_tasks as rt
 from offload.protocol import PROTOCOL_VERSION, PYTHON_VERSION, Hello
 from offload.protocol.auth import Sealer, ServerHandshake
 from offload.protocol.messages import encode_body
+from remote_helpers import die_with_parent
 
 TESTS_DIR = Path(__file__).resolve().parent
 WAIT = 15.0  # seconds the test waits for something a server or a task does
@@ -151,7 +152,12 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in _close()
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=self._log, env=env, stdin=subprocess.DEVNULL
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl; see remote_helpers
         )
         self.pid = self.proc.pid
         try:
