@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -430,13 +430,16 @@ class RawClient:
 # --------------------------------------------------------------------------- #
 
 
-class FakeServer:
-    """Listens on 127.0.0.1:0, accepts one connection, runs ``script(sock)`` on it on a
-    thread, then closes. Use as a context manager; exceptions of the script are kept in
-    :attr:`error` (and the listener refuses later connections: it is closed after one)."""
+_L = TypeVar("_L", bound="OneShotListener")
 
-    def __init__(self, script: Callable[[socket.socket], None], *, limit: float = 20.0) -> None:
-        self.script = script
+
+class OneShotListener:
+    """A listener on 127.0.0.1:0 whose thread serves one connection (subclasses define
+    ``_run``). Use as a context manager; the thread is joined, bounded, on exit."""
+
+    thread_name = "one-shot-listener"
+
+    def __init__(self, limit: float) -> None:
         self.limit = limit
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind((HOST, 0))
@@ -444,21 +447,36 @@ class FakeServer:
         self.listener.settimeout(limit)
         self.port = self.listener.getsockname()[1]
         self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="fake-server", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
-    def __enter__(self) -> FakeServer:
+    def __enter__(self: _L) -> _L:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.listener.close()
         self.thread.join(self.limit + 5)
-        assert not self.thread.is_alive(), "fake server thread did not finish"
+        assert not self.thread.is_alive(), f"{self.thread_name} thread did not finish"
+
+    def _run(self) -> None:
+        raise NotImplementedError  # pragma: no cover - subclasses serve the connection
+
+
+class FakeServer(OneShotListener):
+    """Listens on 127.0.0.1:0, accepts one connection, runs ``script(sock)`` on it on a
+    thread, then closes. Use as a context manager; exceptions of the script are kept in
+    :attr:`error` (and the listener refuses later connections: it is closed after one)."""
+
+    thread_name = "fake-server"
+
+    def __init__(self, script: Callable[[socket.socket], None], *, limit: float = 20.0) -> None:
+        self.script = script
+        self.done = threading.Event()
+        super().__init__(limit)
 
     def _run(self) -> None:
         try:
@@ -555,35 +573,17 @@ class ServerSide:
 # --------------------------------------------------------------------------- #
 
 
-class RecordingProxy:
+class RecordingProxy(OneShotListener):
     """Forwards one connection to ``127.0.0.1:upstream_port`` and records the bytes the
     client sent (``client_bytes``) and the bytes the server sent (``server_bytes``)."""
 
+    thread_name = "recording-proxy"
+
     def __init__(self, upstream_port: int, *, limit: float = 20.0) -> None:
         self.upstream_port = upstream_port
-        self.limit = limit
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(1)
-        self.listener.settimeout(limit)
-        self.port = self.listener.getsockname()[1]
         self.client_bytes = bytearray()
         self.server_bytes = bytearray()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="recording-proxy", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def __enter__(self) -> RecordingProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.listener.close()
-        self.thread.join(self.limit + 5)
-        assert not self.thread.is_alive(), "proxy thread did not finish"
+        super().__init__(limit)
 
     def _run(self) -> None:
         try:
