@@ -311,7 +311,11 @@ def _progress_bar(total: int | None) -> Any:
         raise ImportError(
             "progress=True needs tqdm: pip install 'offload[progress]' (or tqdm)"
         ) from exc
-    return tqdm(total=total, unit="call")
+
+    class Bar(tqdm):  # type: ignore[misc,valid-type,unused-ignore]
+        monitor_interval = 0  # no tqdm monitor thread left running after the map
+
+    return Bar(total=total, unit="call", file=sys.stderr)
 
 
 class _MapRun:
