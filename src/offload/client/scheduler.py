@@ -207,6 +207,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int]] = []
         # Set when a deadline or a back-off time was added: the driver re-arms its timer.
         self.wakeup_changed = False
+        self.any_failed = False  # some slot is FAILED (kept, not recomputed per submit)
 
     # -- events from the caller ----------------------------------------------------------
 
@@ -221,21 +222,19 @@ class Scheduler:
     def submit(self, call_id: int, timeout: float | None, retries: int, now: float) -> list[Action]:
         """A new call."""
         self.calls[call_id] = CallEntry(call_id, timeout, retries)
-        if self.queue and not self._failed:
+        if self.queue and not self.any_failed:
             # Calls are waiting already, so no slot has room: nothing to decide until
             # an event frees one (the common case in a flood of submissions).
             self.queue.append(call_id)
             return []
         self.queue.append(call_id)
-        for slot in self.slots:
-            if slot.state is SlotState.FAILED:
-                slot.state = SlotState.EMPTY
-                slot.start_failures = 0
+        if self.any_failed:  # a new call gives failed slots another try
+            self.any_failed = False
+            for slot in self.slots:
+                if slot.state is SlotState.FAILED:
+                    slot.state = SlotState.EMPTY
+                    slot.start_failures = 0
         return self._schedule(now)
-
-    @property
-    def _failed(self) -> bool:
-        return any(slot.state is SlotState.FAILED for slot in self.slots)
 
     def cancel(self, call_id: int) -> bool:
         """Drop a call that is still queued in the parent; False if it was sent already."""
@@ -318,6 +317,7 @@ class Scheduler:
         actions: list[Action] = []
         if slot.start_failures >= self.max_start_failures:
             slot.state = SlotState.FAILED
+            self.any_failed = True
             usable = (SlotState.READY, SlotState.STARTING, SlotState.RETIRING, SlotState.BACKOFF)
             if not any(s.state in usable for s in self.slots):
                 while self.queue:
