@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 #: The folder holding the ``benchmarks`` package: worker processes that start a fresh
 #: interpreter must be able to import ``benchmarks.tasks`` by reference.
@@ -31,6 +33,9 @@ def make_importable() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *paths])
 
 
+T = TypeVar("T")
+
+
 class Skipped(Exception):
     """A contender that cannot run here; its message is printed in the table."""
 
@@ -42,6 +47,17 @@ def failure(exc: BaseException) -> str:
     """How a contender failed, for the table."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"failed: {type(exc).__name__}" + (f": {text[:100]}" if text else "")
+
+
+def attempt(factory: Callable[[], T]) -> tuple[T | None, str]:
+    """Build a contender: ``(it, "")``, or ``(None, note)`` saying in the table why not
+    (a peer that is not installed, or how starting it failed)."""
+    try:
+        return factory(), ""
+    except Skipped as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return None, failure(exc)
 
 
 def require(module: str) -> object:

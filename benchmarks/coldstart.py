@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import Skipped, failure, require
+from benchmarks import attempt, failure, require
 from benchmarks.report import Row
 
 FLOOR = "bare python -c pass (floor)"
@@ -135,13 +135,10 @@ def measure(
     rows = {name: Row(name, [], note=note) for name, _, note in contenders}
     active = []
     for name, start, _ in contenders:
-        try:
-            start()()  # warm-up: the parent's imports, the interpreter's file cache
-        except Skipped as exc:
-            rows[name] = Row(name, None, note=str(exc))
-            continue
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows[name] = Row(name, None, note=failure(exc))
+        # Warm-up: the parent's imports, the interpreter's file cache.
+        _, note = attempt(lambda start=start: start()())
+        if note:
+            rows[name] = Row(name, None, note=note)
             continue
         active.append((name, start))
     for _ in range(reps):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from benchmarks import Skipped, failure, raw_floor, require, tasks
+from benchmarks import attempt, failure, raw_floor, require, tasks
 from benchmarks.report import Row
 
 MODES = {
@@ -233,13 +233,9 @@ def run(reps: int, give_up: float) -> dict[str, list[Row]]:
         for mode in MODES:
             rows = [_floor(mode, reps, tmp)]
             for name, factory in FACTORIES:
-                try:
-                    subject = factory()
-                except Skipped as exc:
-                    rows.append(Row(name, None, note=str(exc)))
-                    continue
-                except Exception as exc:  # noqa: BLE001 - reported in the table
-                    rows.append(Row(name, None, note=failure(exc)))
+                subject, note = attempt(factory)
+                if subject is None:
+                    rows.append(Row(name, None, note=note))
                     continue
                 samples: list[float] = []
                 problems: list[str] = []

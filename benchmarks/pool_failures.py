@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import wait
 from typing import Any
 
-from benchmarks import Skipped, failure, require, tasks
+from benchmarks import attempt, failure, require, tasks
 from benchmarks.report import Row
 
 TIMEOUT = 0.1
@@ -138,17 +138,11 @@ def run(reps: int, give_up: float) -> dict[str, tuple[list[Row], list[Row]]]:
     out: dict[str, tuple[list[Row], list[Row]]] = {m: ([], []) for m in MODES}
     with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
         for name, factory in FACTORIES:
-            try:
-                subject = factory()
-            except Skipped as exc:
+            subject, note = attempt(factory)
+            if subject is None:
                 for errors, answers in out.values():
-                    errors.append(Row(name, None, note=str(exc)))
-                    answers.append(Row(name, None, note=str(exc)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                for errors, answers in out.values():
-                    errors.append(Row(name, None, note=failure(exc)))
-                    answers.append(Row(name, None, note=failure(exc)))
+                    errors.append(Row(name, None, note=note))
+                    answers.append(Row(name, None, note=note))
                 continue
             try:
                 for mode in MODES:

@@ -24,7 +24,7 @@ from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks import Skipped, failure, require, tasks
+from benchmarks import attempt, failure, require, tasks
 from benchmarks.raw_pool import RawPool
 from benchmarks.report import Row
 
@@ -256,13 +256,9 @@ def _each_alone(factories: Sequence[tuple[str, Callable[[], Any]]], measure: Any
     it here). Rows in the order of ``factories``."""
     rows: dict[str, Row] = {}
     for name, factory in factories:
-        try:
-            c = factory()
-        except Skipped as exc:
-            rows[name] = Row(name, None, note=str(exc))
-            continue
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows[name] = Row(name, None, note=failure(exc))
+        c, note = attempt(factory)
+        if c is None:
+            rows[name] = Row(name, None, note=note)
             continue
         c.name = name
         try:

@@ -56,24 +56,30 @@ def _recv(sock: socket.socket) -> Any:
     return pickle.loads(body)
 
 
+def start_child(module: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Run ``python -m module FD`` with one end of a socketpair; return the process and
+    the parent's end (the raw floors' children)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return proc, parent
+
+
 class RawWorker:
     """The parent's side: one child process and its socket."""
 
     def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.raw_floor", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self.sock = parent
+        self.proc, self.sock = start_child("benchmarks.raw_floor")
         self.pid = self.proc.pid
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

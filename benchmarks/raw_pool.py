@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import ROOT
+from benchmarks.raw_floor import start_child
 
 _HEADER = struct.Struct("!I")
 _READ = 1 << 20
@@ -61,20 +61,7 @@ def _parse(buf: bytearray) -> list[Any]:
 
 class _Worker:
     def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.raw_pool", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self.sock = parent
+        self.proc, self.sock = start_child("benchmarks.raw_pool")
         self.buf = bytearray()
         self.todo: Sequence[Any] = ()
         self.sent = 0

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks import Skipped, failure, require
+from benchmarks import attempt, failure, require
 from benchmarks.raw_floor import RawWorker
 from benchmarks.report import Row
 
@@ -101,13 +101,9 @@ def measure(
     rows: dict[str, Row] = {}
     try:
         for name, factory in factories:
-            try:
-                c = factory()
-            except Skipped as exc:
-                rows[name] = Row(name, None, note=str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                rows[name] = Row(name, None, note=failure(exc))
+            c, note = attempt(factory)
+            if c is None:
+                rows[name] = Row(name, None, note=note)
                 continue
             c.name = name
             contenders.append(c)

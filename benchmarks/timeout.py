@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import wait
 from typing import Any
 
-from benchmarks import Skipped, failure, require, tasks
+from benchmarks import attempt, failure, require, tasks
 from benchmarks.report import Row
 
 TIMEOUT = 0.1
@@ -86,13 +86,9 @@ FACTORIES: list[tuple[str, Callable[[], _Subject]]] = [
 def run(reps: int, give_up: float) -> list[Row]:
     rows: dict[str, Row] = {}
     for name, factory in FACTORIES:
-        try:
-            subject = factory()
-        except Skipped as exc:
-            rows[name] = Row(name, None, note=str(exc))
-            continue
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows[name] = Row(name, None, note=failure(exc))
+        subject, note = attempt(factory)
+        if subject is None:
+            rows[name] = Row(name, None, note=note)
             continue
         samples: list[float] = []
         problems: list[str] = []
