@@ -41,6 +41,7 @@ from offload.protocol import (
     encode_body,
     versions,
 )
+from offload.protocol.messages import decode_common, decode_generic, encode_generic
 
 HEADER = struct.Struct("!Q")
 U32 = struct.Struct("!I")
@@ -359,6 +360,58 @@ def test_decoded_bodies_reencode_canonically(tag: int, rest: bytes) -> None:
         return
     assert tag == msg.TAG
     assert join(encode_body(msg)) == body
+
+
+# Calls and results have hand-written codecs for their common shape; the generic layout
+# is the reference they must match byte for byte, and agree with on every input.
+common_shapes = st.one_of(
+    st.builds(
+        Call,
+        call_id=FIELD_STRATEGIES["int"],
+        kind=FIELD_STRATEGIES["int"],
+        timeout=FIELD_STRATEGIES["float"],
+        target=st.text(max_size=40),
+        payload=st.binary(max_size=5000),
+        buffers=st.just(()),
+    ),
+    st.builds(
+        Result,
+        call_id=FIELD_STRATEGIES["int"],
+        status=FIELD_STRATEGIES["int"],
+        elapsed=FIELD_STRATEGIES["float"],
+        payload=st.binary(max_size=5000),
+    ),
+    message_strategy(Call),
+    message_strategy(Result),
+)
+
+
+@given(common_shapes)
+def test_fast_codecs_match_the_generic_layout(msg: Message) -> None:
+    body = join(encode_body(msg))
+    assert body == join(encode_generic(msg))
+    assert decode_body(memoryview(body)) == decode_generic(memoryview(body)) == msg
+
+
+@given(st.sampled_from([Call.TAG, Result.TAG]), st.binary(max_size=80))
+def test_fast_decoders_agree_with_the_generic_one(tag: int, rest: bytes) -> None:
+    """On arbitrary bodies, the fast path either declines or decodes what the generic
+    decoder decodes; it never accepts what the generic decoder rejects."""
+    body = memoryview(bytes([tag]) + rest)
+    fast = decode_common(body)
+    try:
+        reference: Message | None = decode_generic(body)
+    except ProtocolError:
+        reference = None
+    if fast is not None:
+        assert fast == reference
+
+
+def test_fast_decoders_accept_the_usual_call_and_result() -> None:
+    call = Call(call_id=7, kind=0, timeout=1.5, target="f(...)", payload=b"x" * 100)
+    result = Result(call_id=7, status=0, elapsed=0.25, payload=b"y" * 100)
+    assert decode_common(memoryview(join(encode_body(call)))) == call
+    assert decode_common(memoryview(join(encode_body(result)))) == result
 
 
 # -- goodbye and closed connections -------------------------------------------------------

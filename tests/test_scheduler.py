@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from offload.client.scheduler import (
+    MAX_PREFETCH,
     Action,
     Counts,
     KillCall,
@@ -293,20 +294,44 @@ def test_adaptive_prefetch_follows_call_durations() -> None:
     d.start()
     d.submit(*range(1, 101))
     assert d.ready() == [SendCalls(0, 1, (1, 2, 3, 4))]
-    # Tiny calls: a deep pipeline (32 x concurrency).
+    # Tiny calls: about PIPELINE_SECONDS of work ahead (0.002 / 0.0001 = 20 per unit of
+    # capacity).
     d.at(0.0001)
-    assert d.result(1) == [SendCalls(0, 1, tuple(range(5, 5 + 63)))]
+    assert d.result(1) == [SendCalls(0, 1, tuple(range(5, 5 + 39)))]
     assert d.s.avg_duration == pytest.approx(0.0001)
-    assert d.s.prefetch(d.s.slots[0]) == 64
-    assert len(d.outstanding()) == 66
+    assert d.s.prefetch(d.s.slots[0]) == 40
+    assert len(d.outstanding()) == 42
     # The average moves by a fifth of the difference each result.
     d.at(0.0101)  # call 2 ran 0.0101 s: avg = 0.0001 + 0.2 * 0.01 = 0.0021
     d.result(2)
     assert d.s.avg_duration == pytest.approx(0.0021)
     assert d.s.prefetch(d.s.slots[0]) == 4
     # Calls sent already stay; no more are sent while the slot is over the new limit.
-    assert len(d.outstanding()) == 65
+    assert len(d.outstanding()) == 41
     assert d.result(3) == []
+
+
+def test_deep_pipelines_are_refilled_in_batches() -> None:
+    d = Driver(1, prefetch=16)
+    d.start()
+    d.submit(*range(1, 101))
+    assert d.ready() == [SendCalls(0, 1, tuple(range(1, 18)))]  # running + 16 ahead
+    # Nothing goes out until half of the prefetch has run...
+    for call_id in range(1, 9):
+        assert d.result(call_id) == []
+    # ...then the slot is topped up in one write.
+    assert d.result(9) == [SendCalls(0, 1, tuple(range(18, 27)))]
+    assert len(d.outstanding()) == 17
+
+
+def test_tiny_calls_pipeline_is_bounded() -> None:
+    d = Driver(1, concurrency=2, prefetch=None)
+    d.start()
+    d.submit(*range(1, 1001))
+    d.ready()
+    d.at(1e-9)
+    d.result(1)
+    assert d.s.prefetch(d.s.slots[0]) == MAX_PREFETCH * 2
 
 
 def test_adaptive_prefetch_for_long_calls() -> None:

@@ -94,6 +94,7 @@ class CallRecord:
     # Result message itself, never unpickled here; progress goes to this hook as is.
     raw: bool = False
     on_raw_progress: Callable[[p.Progress], Any] | None = None
+    started: bool = False  # its future is RUNNING (it stays so when the call is requeued)
 
     def describe(self) -> str:
         if self.raw:
@@ -166,6 +167,7 @@ class SlotProcess(Protocol):
     def child(self) -> ChildProcess | None: ...
     def start(self) -> None: ...
     def send_calls(self, calls: list[p.Call]) -> None: ...
+    def flush(self) -> None: ...
     def pump(self, future: Future[Any]) -> None: ...
     def stop(self) -> None: ...
     def kill(self, reason: str = "") -> None: ...
@@ -398,9 +400,15 @@ class WorkerProcess:
     # -- calls ---------------------------------------------------------------------------
 
     def send_calls(self, calls: list[p.Call]) -> None:
-        """Write calls to the worker (any thread; the engine lock orders them)."""
+        """Queue calls for the worker (engine lock held: it orders them); :meth:`flush`
+        writes them."""
         if self.channel is not None:
-            self.channel.send_many(calls)
+            self.channel.enqueue(calls)
+
+    def flush(self) -> None:
+        """Write the queued calls (after the engine lock is released)."""
+        if self.channel is not None:
+            self.channel.flush()
 
     def pump(self, future: Future[Any]) -> None:
         """Let a thread waiting on ``future`` read this worker's answers itself for a
@@ -512,6 +520,7 @@ class Engine:
         self._killed_pids: dict[int, tuple[int, int | None]] = {}  # slot -> (gen, pid)
         self._started_slots: set[int] = set()  # a later start there is a restart
         self._claimed: Channel | None = None  # channel that submitter now reads
+        self._unflushed: list[SlotProcess] = []  # calls queued on them, not yet written
         self._last_start_error: dict[int, OffloadError] = {}
 
     def __repr__(self) -> str:
@@ -767,6 +776,7 @@ class Engine:
                     self.loop.clock(),
                 )
             )
+        self._flush()  # the workers' next calls first, then the results
         for record, msg in expected:
             self._deliver(record, msg, proc)
         self._resolve(deferred)
@@ -908,16 +918,18 @@ class Engine:
                     messages = []
                     for call_id in call_ids:
                         record = self.records[call_id]
-                        if not record.future.running():  # a requeued call is running already
+                        if not record.started:  # a requeued call is running already
+                            record.started = True
                             record.future.set_running_or_notify_cancel()
                         if proc is not None:
-                            record.future._pump = proc.pump
+                            record.future._pump = proc
                             channel = proc.channel
                             if call_id == self._waiting_call and channel and channel.claim():
                                 self._claimed = channel
                         messages.append(record.message)
                     if proc is not None:
                         proc.send_calls(messages)
+                        self._unflushed.append(proc)
                 case StartWorker(slot=slot, gen=gen):
                     if slot in self._started_slots:
                         self.restarts += 1
@@ -961,7 +973,19 @@ class Engine:
         self._timer_at = when
         self._timer = self.loop.call_at(when, self._tick)
 
+    def _flush(self) -> None:
+        """Write the calls that _apply queued (engine lock released: the system calls
+        then never hold up the other threads)."""
+        unflushed = self._unflushed
+        while unflushed:
+            try:
+                proc = unflushed.pop()
+            except IndexError:  # another thread took the last one
+                return
+            proc.flush()
+
     def _resolve(self, resolutions: list[Resolve]) -> None:
+        self._flush()
         for res in resolutions:
             with self.lock:
                 record = self.records.pop(res.call_id, None)

@@ -62,6 +62,12 @@ class Cancelled:
 Status = Working | Success[Any] | Raised | Failed | Cancelled
 
 
+class Reader(Protocol):
+    """Where a running call's answer arrives: a waiting thread may read it there."""
+
+    def pump(self, future: Future[Any]) -> None: ...
+
+
 class CallOwner(Protocol):
     """What runs a future's call: it can drop the call or kill it."""
 
@@ -144,7 +150,7 @@ class Future(concurrent.futures.Future[T]):
         self._call_id = 0
         # Set while the call is on a worker: reads the worker's answer on the waiting
         # thread (see offload.transport.channel.Channel.pump).
-        self._pump: Callable[[Future[Any]], None] | None = None
+        self._pump: Reader | None = None
         self._task_raised = False
         self._progress: Any = None
         # Made on first use: most calls never report progress, and a flood of pending
@@ -175,14 +181,14 @@ class Future(concurrent.futures.Future[T]):
         """
         pump = self._pump
         if pump is not None and not self.done():
-            pump(self)
+            pump.pump(self)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the call failed with, or None if it succeeded."""
         pump = self._pump
         if pump is not None and not self.done():
-            pump(self)
+            pump.pump(self)
         return super().exception(timeout)
 
     def cancel(self) -> bool:
@@ -246,6 +252,7 @@ class Future(concurrent.futures.Future[T]):
 
     def _resolve_exception(self, exc: BaseException, *, task_raised: bool) -> bool:
         """Fail the future unless it is already resolved; True if this call did it."""
+        self._pump = None  # a resolved future keeps no worker alive
         with self._condition:
             if self.done():
                 return False
@@ -257,6 +264,7 @@ class Future(concurrent.futures.Future[T]):
         return True
 
     def _resolve_value(self, value: Any) -> bool:
+        self._pump = None
         try:
             self.set_result(value)
         except concurrent.futures.InvalidStateError:

@@ -262,10 +262,15 @@ class RemoteProcess:
     # -- calls ---------------------------------------------------------------------------
 
     def send_calls(self, calls: list[p.Call]) -> None:
-        """Send calls to the server."""
+        """Queue calls for the server; :meth:`flush` writes them."""
         if self.channel is not None:
             self._sent.update(call.call_id for call in calls)
-            self.channel.send_many(calls)
+            self.channel.enqueue(calls)
+
+    def flush(self) -> None:
+        """Write the queued calls."""
+        if self.channel is not None:
+            self.channel.flush()
 
     def pump(self, future: Any) -> None:
         """Read the server's answers on the waiting thread for a moment."""

@@ -16,7 +16,9 @@ generation (a killed process that finally exits) are ignored, so a slot never co
 its old process with its new one.
 
 Calls wait in one FIFO queue in the parent; a READY slot is sent up to
-``concurrency + prefetch`` of them. A worker starts the calls it receives in arrival
+``concurrency + prefetch`` of them. A slot with a deep pipeline (tiny calls) is refilled
+only once half of its prefetch has run, so calls go out in batches, not one per result.
+A worker starts the calls it receives in arrival
 order, at most ``concurrency`` at once, so the first ``concurrency`` calls *outstanding*
 on a slot are exactly the ones running: that is when their timeout clock starts, and
 those are the only calls that fail when the worker dies. The others were never started
@@ -34,6 +36,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+PIPELINE_SECONDS = 0.002  # work sent ahead to a worker running tiny calls
+MAX_PREFETCH = 256  # calls sent ahead per unit of a worker's capacity, at most
 
 
 class SlotState(enum.Enum):
@@ -589,7 +594,9 @@ class Scheduler:
         if avg is None:  # nothing known yet: a call might be long, keep slots balanced
             return 0 if len(self.slots) > 1 else slot.capacity
         if avg < 0.0005:
-            return 32 * slot.capacity
+            # Tiny calls: about PIPELINE_SECONDS of work ahead, so the worker never waits
+            # for the parent and sends and results travel in large batches.
+            return min(MAX_PREFETCH, max(2, int(PIPELINE_SECONDS / max(avg, 1e-6)))) * slot.capacity
         if avg < 0.005:
             return 2 * slot.capacity
         return 0 if len(self.slots) > 1 else slot.capacity
@@ -598,7 +605,14 @@ class Scheduler:
         """Send queued calls to ready slots; start, stop and retire processes."""
         actions: list[Action] = []
         sends: dict[int, list[int]] = {}
-        limits = [slot.capacity + self.prefetch(slot) for slot in self.slots]
+        limits: list[int] = []
+        for slot in self.slots:
+            prefetch = self.prefetch(slot)
+            # A slot with a deep pipeline is refilled once it has run down to half of its
+            # prefetch, in one batch: fewer, larger writes (each write wakes the worker).
+            low_water = slot.capacity + prefetch // 2 if prefetch >= 8 else slot.capacity + prefetch
+            open_ = slot.state is SlotState.READY and len(slot.outstanding) < low_water
+            limits.append(slot.capacity + prefetch if open_ else 0)
         while self.queue:
             best: Slot | None = None
             best_load = 0.0

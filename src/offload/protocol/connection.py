@@ -34,6 +34,7 @@ from offload.protocol.messages import (
     Hello,
     Message,
     decode_body,
+    decode_common,
     encode_body,
     message_size,
 )
@@ -160,7 +161,10 @@ class Connection:
 
     def _frame(self, msg: Message) -> list[bytes | bytearray | memoryview]:
         chunks = encode_body(msg)
-        size = sum(memoryview(c).nbytes for c in chunks)
+        if len(chunks) == 1 and isinstance(chunks[0], bytearray):
+            size = len(chunks[0])
+        else:
+            size = sum(memoryview(c).nbytes for c in chunks)
         if size > self.max_message_size:
             raise ProtocolError(
                 f"{type(msg).__name__} of {size} bytes exceeds max_message_size "
@@ -244,19 +248,32 @@ class Connection:
             return NEED_DATA
         start = self._pos + HEADER.size
         self._pos = start + size
-        # Copy the body out so buffers handed to pickle stay valid after compaction.
+        msg: Message | None = None
         with memoryview(self._buf) as view:
-            body = memoryview(bytes(view[start : self._pos]))
+            if sealer is None:
+                # The common calls and results decode in place (they copy what they keep).
+                with view[start : self._pos] as frame:
+                    msg = decode_common(frame)
+            if msg is None:
+                # Copy the body out so buffers handed to pickle stay valid after compaction.
+                body = memoryview(bytes(view[start : self._pos]))
+        if msg is not None:
+            self._compact()
+            return msg
+        self._compact()
+        if sealer is not None:
+            sealer.open(body[:-MAC_SIZE], bytes(body[-MAC_SIZE:]))
+            body = body[:-MAC_SIZE]
+        return decode_body(body)
+
+    def _compact(self) -> None:
+        """Drop the consumed bytes (all of them, or a large prefix) from the buffer."""
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         elif self._pos > 1 << 20:
             del self._buf[: self._pos]
             self._pos = 0
-        if sealer is not None:
-            sealer.open(body[:-MAC_SIZE], bytes(body[-MAC_SIZE:]))
-            body = body[:-MAC_SIZE]
-        return decode_body(body)
 
     def _check_hello(self, msg: Message) -> None:
         if not isinstance(msg, Hello):

@@ -50,6 +50,9 @@ BY_VALUE = 0  # payload: pickled (callable, args, kwargs)
 BY_NAME = 1  # target: a registered task name; payload: pickled (args, kwargs)
 
 
+_set = object.__setattr__  # messages are immutable: their own __setattr__ refuses
+
+
 class Message:
     """Base of every message: an immutable record with typed, slotted fields.
 
@@ -169,7 +172,12 @@ class Call(Message):
         payload: bytes,
         buffers: Buffers = (),
     ) -> None:
-        self._init(locals())
+        _set(self, "call_id", call_id)  # field by field: this is on every call's path
+        _set(self, "kind", kind)
+        _set(self, "timeout", timeout)
+        _set(self, "target", target)
+        _set(self, "payload", payload)
+        _set(self, "buffers", buffers)
 
 
 class Result(Message):
@@ -218,7 +226,14 @@ class Result(Message):
         payload: bytes = b"",
         buffers: Buffers = (),
     ) -> None:
-        self._init(locals())
+        _set(self, "call_id", call_id)
+        _set(self, "status", status)
+        _set(self, "elapsed", elapsed)
+        _set(self, "type_name", type_name)
+        _set(self, "message", message)
+        _set(self, "traceback", traceback)
+        _set(self, "payload", payload)
+        _set(self, "buffers", buffers)
 
 
 class Progress(Message):
@@ -452,8 +467,121 @@ _BY_TAG: dict[int, _Layout] = {cls.TAG: _Layout(cls) for cls in MESSAGE_TYPES}
 _BY_CLASS: dict[type[Message], _Layout] = {lay.cls: lay for lay in _BY_TAG.values()}
 
 
+# Calls and results are most of the traffic: they have hand-written codecs for their
+# common shape (no out-of-band buffers, small payload), which produce and accept exactly
+# the bytes of the generic layout above.
+_SMALL = 4096  # below this, a str/bytes field is copied into the head chunk
+_CALL_FIXED = struct.Struct("!BQQd")  # tag, call_id, kind, timeout
+_RESULT_FIXED = struct.Struct("!BQQd")  # tag, call_id, status, elapsed
+_NO_TEXT_PAYLOAD = struct.Struct("!IIII")  # empty type_name, message, traceback; payload size
+_NO_BUFFERS = bytes(4)
+
+
+def _encode_call(msg: Call) -> list[bytes | bytearray | memoryview] | None:
+    payload = msg.payload
+    if msg.buffers or len(payload) >= _SMALL:
+        return None
+    target = msg.target.encode("utf-8", "surrogateescape")
+    if len(target) >= _SMALL:
+        return None
+    head = bytearray(_CALL_FIXED.pack(Call.TAG, msg.call_id, msg.kind, msg.timeout))
+    head += _U32.pack(len(target))
+    head += target
+    head += _U32.pack(len(payload))
+    head += payload
+    head += _NO_BUFFERS
+    return [head]
+
+
+def _encode_result(msg: Result) -> list[bytes | bytearray | memoryview] | None:
+    payload = msg.payload
+    if msg.buffers or msg.type_name or msg.message or msg.traceback or len(payload) >= _SMALL:
+        return None
+    head = bytearray(_RESULT_FIXED.pack(Result.TAG, msg.call_id, msg.status, msg.elapsed))
+    head += _NO_TEXT_PAYLOAD.pack(0, 0, 0, len(payload))
+    head += payload
+    head += _NO_BUFFERS
+    return [head]
+
+
+def _decode_call(body: memoryview) -> Call | None:
+    """A Call with no buffers, or None to let the generic decoder judge the frame."""
+    end = len(body)
+    pos = _CALL_FIXED.size
+    if end < pos + 12:
+        return None
+    _, call_id, kind, timeout = _CALL_FIXED.unpack_from(body, 0)
+    (n,) = _U32.unpack_from(body, pos)
+    pos += 4
+    if pos + n + 8 > end:
+        return None
+    target = str(body[pos : pos + n], "utf-8", "surrogateescape")
+    pos += n
+    (n,) = _U32.unpack_from(body, pos)
+    pos += 4
+    if pos + n + 4 != end or body[pos + n : end] != _NO_BUFFERS:
+        return None
+    msg = Call.__new__(Call)
+    _set(msg, "call_id", call_id)
+    _set(msg, "kind", kind)
+    _set(msg, "timeout", timeout)
+    _set(msg, "target", target)
+    _set(msg, "payload", bytes(body[pos : pos + n]))
+    _set(msg, "buffers", ())
+    return msg
+
+
+def _decode_result(body: memoryview) -> Result | None:
+    """A Result with no text and no buffers, or None to let the generic decoder judge."""
+    pos = _RESULT_FIXED.size + _NO_TEXT_PAYLOAD.size
+    end = len(body)
+    if end < pos + 4:
+        return None
+    _, call_id, status, elapsed = _RESULT_FIXED.unpack_from(body, 0)
+    a, b, c, n = _NO_TEXT_PAYLOAD.unpack_from(body, _RESULT_FIXED.size)
+    if a or b or c or pos + n + 4 != end or body[pos + n : end] != _NO_BUFFERS:
+        return None
+    msg = Result.__new__(Result)
+    _set(msg, "call_id", call_id)
+    _set(msg, "status", status)
+    _set(msg, "elapsed", elapsed)
+    _set(msg, "type_name", "")
+    _set(msg, "message", "")
+    _set(msg, "traceback", "")
+    _set(msg, "payload", bytes(body[pos : pos + n]))
+    _set(msg, "buffers", ())
+    return msg
+
+
+def decode_common(body: memoryview) -> Message | None:
+    """Decode a frame body if it is a Call or Result of the common shape (no buffers);
+    None otherwise, and then :func:`decode_body` decides. Keeps no reference to ``body``."""
+    if not body:
+        return None
+    tag = body[0]
+    if tag == Result.TAG:
+        return _decode_result(body)
+    if tag == Call.TAG:
+        return _decode_call(body)
+    return None
+
+
 def encode_body(msg: Message) -> list[bytes | bytearray | memoryview]:
     """Encode a message into frame-body chunks (no frame header)."""
+    kind = type(msg)
+    if kind is Result:
+        fast = _encode_result(msg)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+    elif kind is Call:
+        fast = _encode_call(msg)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+    return encode_generic(msg)
+
+
+def encode_generic(msg: Message) -> list[bytes | bytearray | memoryview]:
+    """:func:`encode_body` without the fast paths (the reference they are tested against)."""
     lay = _BY_CLASS[type(msg)]
     head = bytearray(lay.fixed.pack(lay.cls.TAG, *[getattr(msg, n) for n in lay.fixed_names]))
     chunks: list[bytes | bytearray | memoryview] = [head]
@@ -486,7 +614,18 @@ def decode_body(body: memoryview) -> Message:
     """Decode one frame body. Raises ProtocolError on anything malformed."""
     if len(body) < 1:
         raise ProtocolError("empty frame")
-    lay = _BY_TAG.get(body[0])
+    fast = decode_common(body)
+    if fast is not None:
+        return fast
+    return decode_generic(body)
+
+
+def decode_generic(body: memoryview) -> Message:
+    """:func:`decode_body` without the fast paths (the reference they are tested against)."""
+    if len(body) < 1:
+        raise ProtocolError("empty frame")
+    tag = body[0]
+    lay = _BY_TAG.get(tag)
     if lay is None:
         raise ProtocolError(f"unknown message type {body[0]}")
     try:

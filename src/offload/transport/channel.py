@@ -48,7 +48,9 @@ class Channel:
         self.loop = loop
         self.on_messages: Callable[[list[p.Message]], Any] = lambda msgs: None
         self.on_close: Callable[[BaseException | None], Any] = lambda err: None
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.Lock()  # held while writing: frames never interleave
+        self._outbox_lock = threading.Lock()
+        self._outbox: list[Any] = []  # encoded frame chunks not written yet
         self._read_lock = threading.Lock()  # whoever holds it reads: the loop or a waiter
         self._closed = False
         self._reading = False
@@ -82,26 +84,41 @@ class Channel:
 
     # -- output --------------------------------------------------------------------------
 
+    # Output goes through an outbox: messages are encoded onto it in order (under the
+    # outbox lock: sealed frames are numbered in that order) and written by whoever
+    # flushes first, in the same order. A caller can thus queue messages while holding
+    # a lock of its own and make the system call after releasing it.
+
     def send(self, msg: p.Message) -> bool:
         """Encode and write one message; False if the channel is closed. Thread-safe."""
-        with self._send_lock:
-            if self._closed or self.conn.state is p.State.CLOSED:
-                return False
-            return self._write_locked(self.conn.send(msg))
+        return self.enqueue((msg,)) and self.flush()
 
     def send_many(self, msgs: Sequence[p.Message]) -> bool:
         """Write several messages in as few system calls as possible."""
-        with self._send_lock:
+        return self.enqueue(msgs) and self.flush()
+
+    def enqueue(self, msgs: Sequence[p.Message]) -> bool:
+        """Encode messages onto the outbox; :meth:`flush` writes them. Thread-safe."""
+        with self._outbox_lock:
             if self._closed or self.conn.state is p.State.CLOSED:
                 return False
-            chunks: list[Any] = []
             for msg in msgs:
-                chunks.extend(self.conn.send(msg))
-            return self._write_locked(chunks)
+                self._outbox += self.conn.send(msg)
+        return True
 
     def write(self, chunks: list[Any]) -> bool:
-        """Write pre-encoded frame chunks."""
+        """Write pre-encoded frame chunks (after what is queued already)."""
+        with self._outbox_lock:
+            self._outbox += chunks
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write everything queued so far; False if the socket failed."""
         with self._send_lock:
+            with self._outbox_lock:
+                chunks, self._outbox = self._outbox, []
+            if not chunks:
+                return not self._closed
             return self._write_locked(chunks)
 
     def _write_locked(self, chunks: list[Any]) -> bool:
@@ -247,10 +264,11 @@ class Channel:
 
     def close(self) -> None:
         """Stop reading and close the socket (no callback). Idempotent; loop thread."""
-        with self._send_lock:
+        with self._send_lock, self._outbox_lock:
             if self._closed:
                 return
             self._closed = True
+            self._outbox = []
         if self._reading:
             self._reading = False
             if not self.threaded:
