@@ -83,3 +83,73 @@ def test_condition_wait_for_and_notify() -> None:
     with cond:
         threading.Timer(0.02, setter).start()
         assert cond.wait_for(lambda: flag, timeout=5)
+
+
+@pytest.mark.parametrize("how", ["result", "wait", "callback", "as_completed", "exception"])
+def test_lock_free_resolution_races_with_waiters(how: str) -> None:
+    """A future that nobody has waited on is resolved without taking its lock; a thread
+    that starts waiting at that very moment still sees the result, exactly once."""
+    rounds = 400
+    futures: list[Future[int]] = []
+    ready = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def resolver() -> None:
+        try:
+            for i in range(rounds):
+                ready.wait()
+                futures[i]._resolve_value(i)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            ready.abort()
+
+    for _ in range(rounds):
+        fut: Future[int] = Future()
+        assert fut._set_running()
+        futures.append(fut)
+    thread = threading.Thread(target=resolver)
+    thread.start()
+    try:
+        for i, fut in enumerate(futures):
+            calls: list[int] = []
+            ready.wait()
+            if how == "result":
+                assert fut.result(timeout=10) == i
+            elif how == "exception":
+                assert fut.exception(timeout=10) is None
+            elif how == "wait":
+                done, _ = concurrent.futures.wait([fut], timeout=10)
+                assert done == {fut}
+            elif how == "as_completed":
+                assert list(concurrent.futures.as_completed([fut], timeout=10)) == [fut]
+            else:
+                seen = threading.Event()
+                fut.add_done_callback(
+                    lambda f, seen=seen, calls=calls: (calls.append(f.result()), seen.set())
+                )
+                assert seen.wait(10)
+                assert calls == [i]
+            assert fut.done() and fut.result() == i
+    finally:
+        thread.join(10)
+    assert not errors
+
+
+def test_set_running_without_the_lock_then_cancel_fails() -> None:
+    fut: Future[int] = Future()
+    assert fut._set_running()
+    assert fut.running()
+    assert not fut.cancel()  # concurrent.futures: a running future cannot be cancelled
+    fut._resolve_value(3)
+    assert fut.result(timeout=0) == 3 and fut.done() and not fut.running()
+
+
+def test_resolution_after_someone_took_the_lock_notifies_them() -> None:
+    fut: Future[int] = Future()
+    assert fut._set_running()
+    seen: list[int] = []
+    fut.add_done_callback(lambda f: seen.append(f.result()))  # makes the lock
+    fut._resolve_value(5)
+    assert seen == [5]
+    assert not fut._resolve_value(6)  # resolved once only
+    assert fut.result() == 5

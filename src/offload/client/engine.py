@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from offload import protocol as p
@@ -24,6 +24,7 @@ from offload.client.future import Future
 from offload.client.options import WorkerOptions, env_for_worker, settings_for_worker
 from offload.client.scheduler import (
     Action,
+    CallEntry,
     KillCall,
     KillWorker,
     Outcome,
@@ -79,26 +80,40 @@ def describe_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str
     return f"{name}({', '.join(parts)})"
 
 
-@dataclass(slots=True)
-class CallRecord:
-    """The driver's view of one call: its future and what to send."""
+@dataclass(slots=True, kw_only=True)
+class CallRecord(CallEntry):
+    """One call: the scheduler's fields (CallEntry, which only the scheduler writes) and
+    the driver's: its future and what to send. One object per call, so that a flood of
+    queued calls gives the garbage collector as little as possible to walk."""
 
-    call_id: int
     future: Future[Any]
-    message: p.Call
-    fn: Any
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    timeout: float | None
+    kind: int
+    target: str
+    payload: bytes
+    buffers: tuple[Any, ...]
+    fn: Any = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # Relayed calls (a server passing a client's call on): the future gets the worker's
     # Result message itself, never unpickled here; progress goes to this hook as is.
     raw: bool = False
     on_raw_progress: Callable[[p.Progress], Any] | None = None
     started: bool = False  # its future is RUNNING (it stays so when the call is requeued)
 
+    def message(self) -> p.Call:
+        """The Call to send (made when it is sent: queued calls carry no message)."""
+        return p.Call(
+            call_id=self.call_id,
+            kind=self.kind,
+            timeout=self.timeout or 0.0,
+            target=self.target,
+            payload=self.payload,
+            buffers=self.buffers,
+        )
+
     def describe(self) -> str:
         if self.raw:
-            return self.message.target or "a relayed call"
+            return self.target or "a relayed call"
         return describe_call(self.fn, self.args, self.kwargs)
 
 
@@ -581,14 +596,6 @@ class Engine:
             err.__cause__ = exc
             future._resolve_exception(err, task_raised=False)
             return future
-        message = p.Call(
-            call_id=call_id,
-            kind=kind,
-            timeout=timeout or 0.0,
-            target=target,
-            payload=data,
-            buffers=tuple(buffers),
-        )
         size = len(data) + sum(b.nbytes for b in buffers) if buffers else len(data)
         if size > self.options.max_message_size:
             future._resolve_exception(
@@ -601,7 +608,19 @@ class Engine:
                 task_raised=False,
             )
             return future
-        record = CallRecord(call_id, future, message, fn, args, kwargs, timeout)
+        record = CallRecord(
+            call_id=call_id,
+            timeout=timeout,
+            retries=retries,
+            future=future,
+            kind=kind,
+            target=target,
+            payload=data,
+            buffers=tuple(buffers) if buffers else (),
+            fn=fn,
+            args=args,
+            kwargs=kwargs,
+        )
         future._owner = self
         future._call_id = call_id
         with self.lock:
@@ -609,9 +628,7 @@ class Engine:
                 raise RuntimeError("cannot submit after shutdown")
             self.records[call_id] = record
             self._waiting_call = call_id if wait else 0
-            deferred = self._apply(
-                self.scheduler.submit(call_id, timeout, retries, self.loop.clock())
-            )
+            deferred = self._apply(self.scheduler.submit_entry(record, self.loop.clock()))
             claimed, self._claimed = self._claimed, None
         self._resolve(deferred)
         if claimed is not None:
@@ -634,17 +651,18 @@ class Engine:
         """
         future: Future[p.Result] = Future()
         call_id = next(_call_ids)
-        timeout = call.timeout or None
-        message = p.Call(
+        record = CallRecord(
             call_id=call_id,
+            timeout=call.timeout or None,
+            retries=0,
+            future=future,
             kind=call.kind,
-            timeout=call.timeout,
             target=call.target,
             payload=call.payload,
             buffers=call.buffers,
-        )
-        record = CallRecord(
-            call_id, future, message, call.target, (), {}, timeout, True, on_progress
+            fn=call.target,
+            raw=True,
+            on_raw_progress=on_progress,
         )
         future._owner = self
         future._call_id = call_id
@@ -652,7 +670,7 @@ class Engine:
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
             self.records[call_id] = record
-            deferred = self._apply(self.scheduler.submit(call_id, timeout, 0, self.loop.clock()))
+            deferred = self._apply(self.scheduler.submit_entry(record, self.loop.clock()))
         self._resolve(deferred)
         return future
 
@@ -767,6 +785,7 @@ class Engine:
                 if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
             ]  # others were resolved already (timeout, kill) or are stray ids
             if not expected:
+                proc.flush()
                 return
             deferred = self._apply(
                 self.scheduler.results(
@@ -776,7 +795,8 @@ class Engine:
                     self.loop.clock(),
                 )
             )
-        self._flush()  # the workers' next calls first, then the results
+        proc.flush()  # the calls waiting for this worker's results
+        self._flush()  # and those just sent to any worker, before the results
         for record, msg in expected:
             self._deliver(record, msg, proc)
         self._resolve(deferred)
@@ -920,16 +940,21 @@ class Engine:
                         record = self.records[call_id]
                         if not record.started:  # a requeued call is running already
                             record.started = True
-                            record.future.set_running_or_notify_cancel()
+                            record.future._set_running()
                         if proc is not None:
                             record.future._pump = proc
                             channel = proc.channel
                             if call_id == self._waiting_call and channel and channel.claim():
                                 self._claimed = channel
-                        messages.append(record.message)
+                        messages.append(record.message())
                     if proc is not None:
                         proc.send_calls(messages)
-                        self._unflushed.append(proc)
+                        # Write now if the worker may run out of work; otherwise the
+                        # calls wait in its outbox for the next write (at the latest when
+                        # its next result is read), so floods go out in batches.
+                        slot_state = self.scheduler.slots[slot]
+                        if len(slot_state.outstanding) - len(call_ids) < 2 * slot_state.capacity:
+                            self._unflushed.append(proc)
                 case StartWorker(slot=slot, gen=gen):
                     if slot in self._started_slots:
                         self.restarts += 1

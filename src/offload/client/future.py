@@ -16,16 +16,18 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import sys
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from offload.errors import ExecutionError
 
 T = TypeVar("T")
 log = logging.getLogger("offload")
 _progress_lock = threading.Lock()  # guards every future's progress-callback list
+_condition_lock = threading.Lock()  # makes each future's Condition exactly once
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,17 +111,31 @@ def _base_future_fields() -> set[str]:
 
 
 _PENDING = concurrent.futures._base.PENDING
-# Initialise futures field by field only while the standard library's Future has exactly
-# the fields we set (true from Python 3.8 to 3.13); any other version uses its own
-# __init__ unchanged.
-_LIGHT_INIT = _base_future_fields() == {
-    "_condition",
-    "_state",
-    "_result",
-    "_exception",
-    "_waiters",
-    "_done_callbacks",
-}
+_RUNNING = concurrent.futures._base.RUNNING
+_FINISHED = concurrent.futures._base.FINISHED
+_DONE = frozenset(
+    {
+        concurrent.futures._base.CANCELLED,
+        concurrent.futures._base.CANCELLED_AND_NOTIFIED,
+        _FINISHED,
+    }
+)
+# Initialise futures field by field, and skip their lock where nobody can be waiting,
+# only while the standard library's Future has exactly the fields we set (true from
+# Python 3.8 to 3.13) and the GIL orders every thread's reads and writes; otherwise
+# the standard library's code runs unchanged.
+_LIGHT_INIT = (
+    _base_future_fields()
+    == {
+        "_condition",
+        "_state",
+        "_result",
+        "_exception",
+        "_waiters",
+        "_done_callbacks",
+    }
+    and getattr(sys, "_is_gil_enabled", lambda: True)()
+)
 
 
 class Future(concurrent.futures.Future[T]):
@@ -136,8 +152,9 @@ class Future(concurrent.futures.Future[T]):
 
     def __init__(self) -> None:
         if _LIGHT_INIT:
-            # concurrent.futures.Future.__init__, with a cheaper Condition (see above).
-            self._condition = _FutureCondition()
+            # concurrent.futures.Future.__init__, with a cheaper Condition (see above),
+            # made on first use: a future that waits in the parent's queue has no lock.
+            self._cond: threading.Condition | None = None
             self._state = _PENDING
             self._result = None
             self._exception = None
@@ -157,7 +174,33 @@ class Future(concurrent.futures.Future[T]):
         # futures should not carry a list and a lock each.
         self._progress_callbacks: list[Callable[[Any], Any]] | None = None
 
+    @property
+    def _condition(self) -> threading.Condition:
+        """The future's Condition (every ``concurrent.futures`` method takes it).
+
+        Made on first use: the lock, its waiter queue and the Condition are three more
+        objects for the garbage collector to walk per pending future, and a flood of
+        submissions keeps tens of thousands of futures pending that nobody waits on yet.
+        """
+        cond = self._cond
+        if cond is None:
+            with _condition_lock:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = _FutureCondition()
+        return cond
+
+    @_condition.setter
+    def _condition(self, cond: threading.Condition) -> None:
+        self._cond = cond  # concurrent.futures.Future.__init__ (when it is used)
+
     # -- status --------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """Whether the call finished or was cancelled (never blocks)."""
+        if _LIGHT_INIT:
+            return self._state in _DONE  # one read: no lock needed
+        return super().done()
 
     def status(self) -> Status:
         """Where the call is now, without blocking."""
@@ -179,6 +222,8 @@ class Future(concurrent.futures.Future[T]):
             TimeoutError: ``timeout`` seconds passed first (the call goes on).
             concurrent.futures.CancelledError: the call was cancelled.
         """
+        if _LIGHT_INIT and self._state == _FINISHED and self._exception is None:
+            return cast(T, self._result)  # set before the state
         pump = self._pump
         if pump is not None and not self.done():
             pump.pump(self)
@@ -263,8 +308,35 @@ class Future(concurrent.futures.Future[T]):
             return False
         return True
 
+    def _set_running(self) -> bool:
+        """``set_running_or_notify_cancel()``, without making the lock if nobody has
+        touched it (the client calls this under its own lock, which cancel() takes too,
+        so the future is PENDING then)."""
+        if _LIGHT_INIT and self._cond is None and self._state == _PENDING:
+            self._state = _RUNNING
+            if self._cond is None:
+                return True
+            # A thread took the lock meanwhile (wait() or a callback): running needs no
+            # notification, but let the standard code see the state it expects.
+        return self.set_running_or_notify_cancel() if self._state != _RUNNING else True
+
     def _resolve_value(self, value: Any) -> bool:
         self._pump = None
+        if _LIGHT_INIT and self._cond is None and self._state == _RUNNING:
+            # Nobody has taken this future's lock, so nobody waits on it and it has no
+            # callbacks. Publish the result, then look again: a thread that makes the
+            # lock from now on finds the future finished (the GIL orders these steps);
+            # one that made it in between gets the usual notification below.
+            self._result = value
+            self._state = _FINISHED
+            if self._cond is None:
+                return True
+            with self._condition:
+                for waiter in self._waiters:
+                    waiter.add_result(self)
+                self._condition.notify_all()
+            self._invoke_callbacks()
+            return True
         try:
             self.set_result(value)
         except concurrent.futures.InvalidStateError:

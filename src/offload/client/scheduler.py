@@ -226,7 +226,14 @@ class Scheduler:
 
     def submit(self, call_id: int, timeout: float | None, retries: int, now: float) -> list[Action]:
         """A new call."""
-        self.calls[call_id] = CallEntry(call_id, timeout, retries)
+        return self.submit_entry(CallEntry(call_id, timeout, retries), now)
+
+    def submit_entry(self, entry: CallEntry, now: float) -> list[Action]:
+        """A new call, described by ``entry``: a driver may pass an instance of its own
+        subclass that carries the driver's fields too (one object per call). The
+        scheduler owns the fields of CallEntry; the driver never writes them."""
+        call_id = entry.call_id
+        self.calls[call_id] = entry
         if self.queue and not self.any_failed:
             # Calls are waiting already, so no slot has room: nothing to decide until
             # an event frees one (the common case in a flood of submissions).
