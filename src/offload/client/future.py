@@ -28,6 +28,7 @@ T = TypeVar("T")
 log = logging.getLogger("offload")
 _progress_lock = threading.Lock()  # guards every future's progress-callback list
 _condition_lock = threading.Lock()  # makes each future's Condition exactly once
+_NONE: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +159,11 @@ class Future(concurrent.futures.Future[T]):
             self._state = _PENDING
             self._result = None
             self._exception = None
-            self._waiters = []
-            self._done_callbacks: list[Callable[[concurrent.futures.Future[T]], object]] = []
+            # Empty until the lock exists: the standard library only adds waiters and
+            # callbacks while holding it, and reading an empty tuple is like reading an
+            # empty list (two fewer objects per pending future).
+            self._waiters = _NONE  # type: ignore[assignment]
+            self._done_callbacks: list[Callable[[concurrent.futures.Future[T]], object]] = _NONE  # type: ignore[assignment]
         else:
             super().__init__()
         # Whoever runs the call (an Engine) and its id there: kill() and cancel() ask it.
@@ -178,7 +182,7 @@ class Future(concurrent.futures.Future[T]):
     def _condition(self) -> threading.Condition:
         """The future's Condition (every ``concurrent.futures`` method takes it).
 
-        Made on first use: the lock, its waiter queue and the Condition are three more
+        Made on first use, with the waiter and callback lists: they are five more
         objects for the garbage collector to walk per pending future, and a flood of
         submissions keeps tens of thousands of futures pending that nobody waits on yet.
         """
@@ -187,6 +191,8 @@ class Future(concurrent.futures.Future[T]):
             with _condition_lock:
                 cond = self._cond
                 if cond is None:
+                    self._waiters = []
+                    self._done_callbacks = []
                     cond = self._cond = _FutureCondition()
         return cond
 

@@ -25,6 +25,7 @@ from offload.transport.loop import Loop
 # read costs an mmap/munmap pair, more than the rest of a small call's round trip.
 _READ_SIZE = 1 << 18
 _IOV_MAX = 512
+_JOIN_LIMIT = 1 << 16  # frames of a write up to this many bytes in all are joined first
 
 
 class Channel:
@@ -128,6 +129,14 @@ class Channel:
             except OSError:
                 return False
             return True
+        if len(chunks) > 1:
+            size = 0
+            for c in chunks:
+                size += len(c) if not isinstance(c, memoryview) else c.nbytes
+            if size <= _JOIN_LIMIT:
+                # Many small frames (a batch of calls): one copy is cheaper than a
+                # memoryview per frame and a long iovec.
+                chunks = [b"".join(chunks)]
         views = [memoryview(c).cast("B") for c in chunks]
         try:
             while views:
