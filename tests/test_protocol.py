@@ -371,6 +371,7 @@ common_shapes = st.one_of(
         kind=FIELD_STRATEGIES["int"],
         timeout=FIELD_STRATEGIES["float"],
         target=st.text(max_size=40),
+        function=st.binary(max_size=60),
         payload=st.binary(max_size=5000),
         buffers=st.just(()),
     ),

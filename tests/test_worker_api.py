@@ -821,6 +821,26 @@ def test_lambda_travels_by_value(spawn: Callable[..., offload.Worker]) -> None:
     assert w.call(lambda n: os.getpid() + n, 0) == w.pid
 
 
+def test_module_functions_travel_by_reference_and_the_rest_by_value(
+    spawn: Callable[..., offload.Worker],
+) -> None:
+    """Module-level functions and builtins are pickled once, as a name; bound methods,
+    closures and lambdas still travel whole with each call."""
+    from offload.serde import function_reference
+
+    assert function_reference(os.path.join).endswith(b"join\x94\x93\x94.")
+    assert function_reference(abs) is function_reference(abs)  # remembered
+    items = [1, 2]
+    for by_value in (items.append, items.copy, lambda: 0, h.__dict__.get, str.upper):
+        assert function_reference(by_value) == b"", by_value
+    w = spawn()
+    for _ in range(3):
+        assert w.call(os.path.join, "a", "b") == os.path.join("a", "b")
+        assert w.call(abs, -3) == 3
+    assert w.call(items.copy) == [1, 2]  # the list goes along with its method
+    assert w.call(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+
+
 def test_closure_travels_by_value(spawn: Callable[..., offload.Worker]) -> None:
     def make_adder(k: int) -> Callable[[int], int]:
         def adder(x: int) -> int:

@@ -54,6 +54,45 @@ def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
     return data, buffers
 
 
+_references: dict[Any, bytes] = {}
+_MAX_REFERENCES = 1024
+
+
+def function_reference(fn: Any) -> bytes:
+    """The pickle of ``fn`` if it travels by reference (a builtin, or a function that
+    its module names), remembered so that a flood of calls pickles it once; ``b""`` for
+    anything else (lambdas, closures, ``__main__`` functions, callable objects), which
+    travels by value with each call.
+
+    A by-reference pickle is only a name, so it stays right however often it is reused.
+    """
+    kind = type(fn)
+    if kind is _PY_FUNCTION or (kind is _BUILTIN and type(fn.__self__) is _MODULE):
+        data = _references.get(fn)
+    else:
+        return b""
+    if data is not None:
+        return data
+    qualname = getattr(fn, "__qualname__", "<")
+    if "<" in qualname or getattr(fn, "__module__", None) == "__main__":
+        return b""  # <lambda>, <locals>: cloudpickle, by value
+    try:
+        data = _pickle.dumps(fn, PROTOCOL)  # the C pickler only pickles by reference
+    except Exception:  # noqa: BLE001 - not importable by name: by value
+        return b""
+    if _MAIN_MARK in data:
+        return b""
+    if len(_references) >= _MAX_REFERENCES:
+        _references.clear()
+    _references[fn] = data
+    return data
+
+
+_PY_FUNCTION = type(function_reference)
+_BUILTIN = type(len)  # also the type of a builtin's methods bound to an object
+_MODULE = type(_pickle)
+
+
 def loads(data: bytes | memoryview, buffers: tuple[Any, ...] | list[Any] = ()) -> Any:
     """Unpickle a stream made by :func:`dumps`."""
     return _pickle.loads(data, buffers=buffers)

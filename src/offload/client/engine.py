@@ -51,7 +51,7 @@ from offload.errors import (
     likely_cause,
 )
 from offload.process.child import ChildProcess, LaunchSpec, launch
-from offload.serde import culprit, dumps, loads, type_name
+from offload.serde import culprit, dumps, function_reference, loads, type_name
 from offload.transport.channel import Channel
 from offload.transport.loop import Loop, Timer, get_loop
 from offload.worker.runtime import INIT_KIND
@@ -91,6 +91,7 @@ class CallRecord(CallEntry):
     target: str
     payload: bytes
     buffers: tuple[Any, ...]
+    function: bytes = b""
     fn: Any = None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +110,7 @@ class CallRecord(CallEntry):
             target=self.target,
             payload=self.payload,
             buffers=self.buffers,
+            function=self.function,
         )
 
     def describe(self) -> str:
@@ -577,6 +579,7 @@ class Engine:
         call_id = next(_call_ids)
         target = ""
         kind = p.BY_VALUE
+        function = b""
         try:
             if isinstance(fn, str):
                 kind = p.BY_NAME
@@ -584,7 +587,11 @@ class Engine:
                 data, buffers = dumps((args, kwargs))
             else:
                 target = getattr(fn, "__qualname__", "") + "(...)"
-                data, buffers = dumps((fn, args, kwargs))
+                function = function_reference(fn)
+                if function:
+                    data, buffers = dumps((args, kwargs))
+                else:
+                    data, buffers = dumps((fn, args, kwargs))
         except BaseException as exc:  # noqa: BLE001 - SystemExit from __reduce__ included
             what = culprit((fn, args, kwargs))
             err = SerializationError(
@@ -596,7 +603,7 @@ class Engine:
             err.__cause__ = exc
             future._resolve_exception(err, task_raised=False)
             return future
-        size = len(data) + sum(b.nbytes for b in buffers) if buffers else len(data)
+        size = len(data) + len(function) + sum(b.nbytes for b in buffers) if buffers else len(data)
         if size > self.options.max_message_size:
             future._resolve_exception(
                 SerializationError(
@@ -615,6 +622,7 @@ class Engine:
             future=future,
             kind=kind,
             target=target,
+            function=function,
             payload=data,
             buffers=tuple(buffers) if buffers else (),
             fn=fn,
@@ -658,6 +666,7 @@ class Engine:
             future=future,
             kind=call.kind,
             target=call.target,
+            function=call.function,
             payload=call.payload,
             buffers=call.buffers,
             fn=call.target,
@@ -935,13 +944,18 @@ class Engine:
             match action:
                 case SendCalls(slot=slot, gen=gen, call_ids=call_ids):
                     proc = self.procs.get((slot, gen))
+                    slot_state = self.scheduler.slots[slot]
+                    # A call sent to a worker with little else to do: whoever waits for
+                    # it reads the answer itself (no hand-off from the loop thread). Deep
+                    # pipelines are left to the loop, which reads their results in batches.
+                    shallow = len(slot_state.outstanding) - len(call_ids) < 2 * slot_state.capacity
                     messages = []
                     for call_id in call_ids:
                         record = self.records[call_id]
                         if not record.started:  # a requeued call is running already
                             record.started = True
                             record.future._set_running()
-                        if proc is not None:
+                        if proc is not None and shallow:
                             record.future._pump = proc
                             channel = proc.channel
                             if call_id == self._waiting_call and channel and channel.claim():
@@ -952,8 +966,7 @@ class Engine:
                         # Write now if the worker may run out of work; otherwise the
                         # calls wait in its outbox for the next write (at the latest when
                         # its next result is read), so floods go out in batches.
-                        slot_state = self.scheduler.slots[slot]
-                        if len(slot_state.outstanding) - len(call_ids) < 2 * slot_state.capacity:
+                        if shallow:
                             self._unflushed.append(proc)
                 case StartWorker(slot=slot, gen=gen):
                     if slot in self._started_slots:

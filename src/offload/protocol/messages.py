@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     Buffers: TypeAlias = tuple[bytes | bytearray | memoryview, ...]
 
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 # Result.status values.
@@ -46,7 +46,8 @@ BAD_RESULT = 4  # the result could not be pickled in the worker; message says wh
 UNKNOWN_TASK = 5  # the worker has no task of that name; type_name carries the name
 
 # Call.kind values.
-BY_VALUE = 0  # payload: pickled (callable, args, kwargs)
+BY_VALUE = 0  # payload: pickled (callable, args, kwargs); or, when ``function`` holds
+#               the pickled callable (a reference by name), pickled (args, kwargs)
 BY_NAME = 1  # target: a registered task name; payload: pickled (args, kwargs)
 
 
@@ -144,13 +145,17 @@ class Hello(Message):
 class Call(Message):
     """Run a callable; the answer is a :class:`Result` with the same ``call_id``."""
 
-    __slots__ = ("buffers", "call_id", "kind", "payload", "target", "timeout")
+    __slots__ = ("buffers", "call_id", "function", "kind", "payload", "target", "timeout")
     TAG = 2
     FIELDS = (
         ("call_id", "int"),
         ("kind", "int"),  # BY_VALUE or BY_NAME
         ("timeout", "float"),  # seconds, 0.0 for none (enforced by the process owner)
         ("target", "str"),  # the task name for BY_NAME; a description otherwise
+        # BY_VALUE: the callable pickled on its own, when it travels by reference (a
+        # module-level function): both sides keep it, so it is pickled and looked up
+        # once, not per call. Empty: the callable is in the payload.
+        ("function", "bytes"),
         ("payload", "bytes"),
         ("buffers", "buffers"),
     )
@@ -159,6 +164,7 @@ class Call(Message):
     kind: int
     timeout: float
     target: str
+    function: bytes
     payload: bytes
     buffers: Buffers
 
@@ -171,11 +177,13 @@ class Call(Message):
         target: str,
         payload: bytes,
         buffers: Buffers = (),
+        function: bytes = b"",
     ) -> None:
         _set(self, "call_id", call_id)  # field by field: this is on every call's path
         _set(self, "kind", kind)
         _set(self, "timeout", timeout)
         _set(self, "target", target)
+        _set(self, "function", function)
         _set(self, "payload", payload)
         _set(self, "buffers", buffers)
 
@@ -479,7 +487,8 @@ _NO_BUFFERS = bytes(4)
 
 def _encode_call(msg: Call) -> list[bytes | bytearray | memoryview] | None:
     payload = msg.payload
-    if msg.buffers or len(payload) >= _SMALL:
+    function = msg.function
+    if msg.buffers or len(payload) >= _SMALL or len(function) >= _SMALL:
         return None
     target = msg.target.encode("utf-8", "surrogateescape")
     if len(target) >= _SMALL:
@@ -487,6 +496,8 @@ def _encode_call(msg: Call) -> list[bytes | bytearray | memoryview] | None:
     head = bytearray(_CALL_FIXED.pack(Call.TAG, msg.call_id, msg.kind, msg.timeout))
     head += _U32.pack(len(target))
     head += target
+    head += _U32.pack(len(function))
+    head += function
     head += _U32.pack(len(payload))
     head += payload
     head += _NO_BUFFERS
@@ -508,14 +519,20 @@ def _decode_call(body: memoryview) -> Call | None:
     """A Call with no buffers, or None to let the generic decoder judge the frame."""
     end = len(body)
     pos = _CALL_FIXED.size
-    if end < pos + 12:
+    if end < pos + 16:
         return None
     _, call_id, kind, timeout = _CALL_FIXED.unpack_from(body, 0)
     (n,) = _U32.unpack_from(body, pos)
     pos += 4
-    if pos + n + 8 > end:
+    if pos + n + 12 > end:
         return None
     target = str(body[pos : pos + n], "utf-8", "surrogateescape")
+    pos += n
+    (n,) = _U32.unpack_from(body, pos)
+    pos += 4
+    if pos + n + 8 > end:
+        return None
+    function = bytes(body[pos : pos + n]) if n else b""
     pos += n
     (n,) = _U32.unpack_from(body, pos)
     pos += 4
@@ -526,6 +543,7 @@ def _decode_call(body: memoryview) -> Call | None:
     _set(msg, "kind", kind)
     _set(msg, "timeout", timeout)
     _set(msg, "target", target)
+    _set(msg, "function", function)
     _set(msg, "payload", bytes(body[pos : pos + n]))
     _set(msg, "buffers", ())
     return msg

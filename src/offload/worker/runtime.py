@@ -55,6 +55,7 @@ _STOP = object()
 _current = _thread._local()
 _clock = __import__("time").perf_counter
 _IOV_MAX = 1024  # buffers one writev takes at most (Linux)
+_MAX_FUNCTIONS = 1024
 _HOLD = 0.0005  # longest a finished call's result waits to share a write with others
 
 
@@ -102,6 +103,8 @@ class Runtime:
         self._read_buf = bytearray(_READ_SIZE)
         self._read_view = memoryview(self._read_buf)
         self.cancelled: set[int] = set()
+        # Functions that calls name by reference (Call.function), looked up once.
+        self._functions: dict[bytes, Callable[..., Any]] = {}
         self._send_lock = _thread.allocate_lock()
         self._closed = False
 
@@ -287,6 +290,15 @@ class Runtime:
                     )
                 args, kwargs = loads(call.payload, call.buffers)
                 fn: Callable[..., Any] = task
+            elif call.function:
+                cached = self._functions.get(call.function)
+                if cached is None:
+                    cached = loads(call.function)
+                    if len(self._functions) >= _MAX_FUNCTIONS:
+                        self._functions.clear()
+                    self._functions[call.function] = cached
+                fn = cached
+                args, kwargs = loads(call.payload, call.buffers)
             else:
                 fn, args, kwargs = loads(call.payload, call.buffers)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in __reduce__ included
@@ -319,7 +331,7 @@ class Runtime:
                 f"{type_name(exc)}: {exc}",
                 traceback=_format(exc),
             )
-        size = len(data) + sum(8 + b.nbytes for b in buffers)
+        size = len(data) + sum(8 + b.nbytes for b in buffers) if buffers else len(data)
         if size + _RESULT_OVERHEAD > self.max_message_size:
             return p.Result(
                 call_id=call.call_id,
@@ -328,7 +340,12 @@ class Runtime:
                 message=f"the result ({type_name(value)}, {size} bytes pickled) exceeds "
                 f"max_message_size ({self.max_message_size} bytes)",
             )
-        return p.Result(call_id=call.call_id, status=p.OK, payload=data, buffers=tuple(buffers))
+        return p.Result(
+            call_id=call.call_id,
+            status=p.OK,
+            payload=data,
+            buffers=tuple(buffers) if buffers else (),
+        )
 
     def _raised(self, call_id: int, exc: BaseException) -> p.Result:
         tb = _format(exc, skip=1)
@@ -369,12 +386,15 @@ def _format(exc: BaseException, skip: int = 0) -> str:
 
 
 def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
+    """Flush what the call printed, so it comes out before its result is back."""
+    try:
+        sys.stdout.flush()
+    except (AttributeError, OSError, ValueError):  # None, closed or broken
+        pass
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def _set_title(name: str) -> None:
