@@ -938,3 +938,55 @@ def test_truncated_valid_stream_then_eof(
     assert len(got) == complete
     assert [join([frame(m)]) for m in got] == [bytes(f) for f in frames[:complete]]
     assert outcome == ("closed" if cut in boundaries else "error")
+
+
+def batch_outcome(conn: Connection, pieces: Sequence[bytes], eof: bool) -> tuple[list[Any], str]:
+    """Feed ``pieces`` and read with ``next_events`` (several at once); the messages and
+    how it ended, as :func:`drain_checked` reports it."""
+    got: list[Any] = []
+    outcome = "need_data"
+    for piece in [*pieces, *([b""] if eof else [])]:
+        conn.receive_data(piece)
+        try:
+            end = conn.next_events(got)
+        except ProtocolError:
+            return got, "error"
+        outcome = "closed" if end is CLOSED else "need_data"
+        if end is CLOSED:
+            assert conn.next_events(got) is CLOSED
+            return got, outcome
+    return got, outcome
+
+
+@FUZZ
+@given(valid_stream(), st.data())
+def test_next_events_agrees_with_next_event(
+    stream: tuple[bytes, list[bytes]], data: st.DataObject
+) -> None:
+    """Reading a batch at a time yields the same messages and the same end as reading
+    one at a time, on valid, damaged and cut streams."""
+    buf = bytearray(stream[0])
+    if data.draw(st.booleans(), label="damage"):
+        pos = data.draw(st.integers(0, max(0, len(buf) - 1)))
+        if buf:
+            buf[pos] ^= data.draw(st.integers(1, 255))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(buf) - 1)), max_size=6)))
+    pieces = [bytes(buf[a:b]) for a, b in zip([0, *cuts], [*cuts, len(buf)], strict=True)]
+    eof = data.draw(st.booleans(), label="eof")
+    handshake = data.draw(st.booleans(), label="extra handshake first")
+
+    one = opened() if handshake else Connection("client")
+    singles: list[Any] = []
+    outcome = "need_data"
+    for piece in [*pieces, *([b""] if eof else [])]:
+        one.receive_data(piece)
+        messages, outcome = drain_checked(one)
+        singles += messages
+        if outcome != "need_data":
+            break
+    batch = opened() if handshake else Connection("client")
+    batched, batch_end = batch_outcome(batch, pieces, eof)
+    assert batch_end == outcome
+    assert len(batched) == len(singles)
+    for have, want in zip(batched, singles, strict=True):
+        assert_same_message(have, want)

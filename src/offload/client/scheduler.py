@@ -610,6 +610,12 @@ class Scheduler:
 
     def _schedule(self, now: float) -> list[Action]:
         """Send queued calls to ready slots; start, stop and retire processes."""
+        if not self.queue and not self.closed:
+            for slot in self.slots:
+                if slot.state is not SlotState.READY:
+                    break
+            else:
+                return []  # every slot is busy or idle and nothing waits: nothing to do
         actions: list[Action] = []
         sends: dict[int, list[int]] = {}
         limits: list[int] = []
@@ -639,9 +645,10 @@ class Scheduler:
             sends.setdefault(best.index, []).append(call_id)
             if self.max_tasks is not None and best.sent >= self.max_tasks:
                 best.state = SlotState.RETIRING
-            self._mark_running(best, now)
         for index, call_ids in sends.items():
-            actions.append(SendCalls(index, self.slots[index].gen, tuple(call_ids)))
+            slot = self.slots[index]
+            self._mark_running(slot, now)
+            actions.append(SendCalls(index, slot.gen, tuple(call_ids)))
         # Calls that slots already starting will take do not need another process.
         demand = len(self.queue) - sum(
             s.capacity for s in self.slots if s.state in (SlotState.STARTING, SlotState.BACKOFF)

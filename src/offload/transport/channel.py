@@ -234,19 +234,10 @@ class Channel:
         batch: list[p.Message] = []
         ended = False
         error: BaseException | None = None
-        while True:
-            try:
-                msg = self.conn.next_event()
-            except ProtocolError as exc:
-                ended, error = True, exc
-                break
-            if msg is p.NEED_DATA:
-                break
-            if msg is p.CLOSED:
-                ended = True
-                break
-            assert isinstance(msg, p.Message)
-            batch.append(msg)
+        try:
+            ended = self.conn.next_events(batch) is p.CLOSED
+        except ProtocolError as exc:
+            ended, error = True, exc
         if batch:
             self.on_messages(batch)
         if ended:

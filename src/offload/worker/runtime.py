@@ -177,17 +177,14 @@ class Runtime:
                 n = 0
             self.conn.receive_data(self._read_view[:n] if n else b"")
             batch: list[p.Message] = []
-            while True:
-                try:
-                    msg = self.conn.next_event()
-                except ProtocolError:
-                    self.die("protocol error from the client")
-                if msg is p.NEED_DATA:
-                    return batch
-                if msg is p.CLOSED:
-                    self.die("the client closed the connection")
-                assert isinstance(msg, p.Message)
-                batch.append(msg)
+            try:
+                ended = self.conn.next_events(batch) is p.CLOSED
+            except ProtocolError:
+                self.die("protocol error from the client")
+            if ended:
+                self.die("the client closed the connection")
+            if batch:
+                return batch
 
     def read_loop(self) -> None:
         """Reader thread (threaded mode): route frames to the executors. Never returns."""
