@@ -39,6 +39,7 @@ from typing import Any
 
 PIPELINE_SECONDS = 0.002  # work sent ahead to a worker running tiny calls
 MAX_PREFETCH = 256  # calls sent ahead per unit of a worker's capacity, at most
+SUBMIT_BATCH = 32  # submissions sent together to a worker that has work enough ahead
 
 
 class SlotState(enum.Enum):
@@ -234,19 +235,19 @@ class Scheduler:
         scheduler owns the fields of CallEntry; the driver never writes them."""
         call_id = entry.call_id
         self.calls[call_id] = entry
-        if self.queue and not self.any_failed:
-            # Calls are waiting already, so no slot has room: nothing to decide until
-            # an event frees one (the common case in a flood of submissions).
-            self.queue.append(call_id)
-            return []
-        self.queue.append(call_id)
+        queue = self.queue
+        queue.append(call_id)
         if self.any_failed:  # a new call gives failed slots another try
             self.any_failed = False
             for slot in self.slots:
                 if slot.state is SlotState.FAILED:
                     slot.state = SlotState.EMPTY
                     slot.start_failures = 0
-        return self._schedule(now)
+        elif len(queue) > 1 and len(queue) % SUBMIT_BATCH:
+            # Calls are waiting already: the slots are full or have work enough, and
+            # the next result (or a full batch of submissions) decides where they go.
+            return []
+        return self._schedule(now, eager=False)
 
     def cancel(self, call_id: int) -> bool:
         """Drop a call that is still queued in the parent; False if it was sent already."""
@@ -608,8 +609,13 @@ class Scheduler:
             return 2 * slot.capacity
         return 0 if len(self.slots) > 1 else slot.capacity
 
-    def _schedule(self, now: float) -> list[Action]:
-        """Send queued calls to ready slots; start, stop and retire processes."""
+    def _schedule(self, now: float, *, eager: bool = True) -> list[Action]:
+        """Send queued calls to ready slots; start, stop and retire processes.
+
+        Not ``eager`` (a submission): a slot with a deep pipeline that still has work
+        ahead of it takes calls only once a batch of them waits, so a flood of
+        submissions goes out in batches instead of one write per call.
+        """
         if not self.queue and not self.closed:
             for slot in self.slots:
                 if slot.state is not SlotState.READY:
@@ -623,26 +629,50 @@ class Scheduler:
             prefetch = self.prefetch(slot)
             # A slot with a deep pipeline is refilled once it has run down to half of its
             # prefetch, in one batch: fewer, larger writes (each write wakes the worker).
-            low_water = slot.capacity + prefetch // 2 if prefetch >= 8 else slot.capacity + prefetch
-            open_ = slot.state is SlotState.READY and len(slot.outstanding) < low_water
+            deep = prefetch >= 8
+            low_water = slot.capacity + (prefetch // 2 if deep else prefetch)
+            ahead = len(slot.outstanding)
+            open_ = (
+                slot.state is SlotState.READY
+                and ahead < low_water
+                and (
+                    eager
+                    or not deep
+                    or ahead < 2 * slot.capacity
+                    or len(self.queue) >= SUBMIT_BATCH
+                )
+            )
             limits.append(slot.capacity + prefetch if open_ else 0)
-        while self.queue:
+        queue, calls = self.queue, self.calls
+        while queue:
             best: Slot | None = None
             best_load = 0.0
+            candidates = 0
             for slot in self.slots:
                 if slot.state is not SlotState.READY or len(slot.outstanding) >= limits[slot.index]:
                     continue
+                candidates += 1
                 load = len(slot.outstanding) / slot.capacity
                 if best is None or load < best_load:
                     best, best_load = slot, load
             if best is None:
                 break
-            call_id = self.queue.popleft()
-            entry = self.calls[call_id]
-            entry.slot = best.index
-            best.outstanding.append(call_id)
-            best.sent += 1
-            sends.setdefault(best.index, []).append(call_id)
+            # The least loaded slot takes a call; when it is the only one with room, it
+            # takes all it can at once (the usual refill of a deep pipeline).
+            take = 1
+            if candidates == 1:
+                take = min(len(queue), limits[best.index] - len(best.outstanding))
+                if self.max_tasks is not None:
+                    take = max(1, min(take, self.max_tasks - best.sent))
+            index = best.index
+            batch = sends.setdefault(index, [])
+            outstanding = best.outstanding
+            for _ in range(take):
+                call_id = queue.popleft()
+                calls[call_id].slot = index
+                outstanding.append(call_id)
+                batch.append(call_id)
+            best.sent += take
             if self.max_tasks is not None and best.sent >= self.max_tasks:
                 best.state = SlotState.RETIRING
         for index, call_ids in sends.items():
