@@ -41,7 +41,7 @@ from offload.protocol import (
     encode_body,
     versions,
 )
-from offload.protocol.messages import decode_common, decode_generic, encode_generic
+from offload.protocol.messages import decode_common, decode_generic, encode_generic, frame_common
 
 HEADER = struct.Struct("!Q")
 U32 = struct.Struct("!I")
@@ -392,6 +392,20 @@ def test_fast_codecs_match_the_generic_layout(msg: Message) -> None:
     body = join(encode_body(msg))
     assert body == join(encode_generic(msg))
     assert decode_body(memoryview(body)) == decode_generic(memoryview(body)) == msg
+    whole = frame_common(msg)
+    if whole is not None:  # the one-join frame of an unsealed connection
+        assert whole == HEADER.pack(len(body)) + body
+    assert join(Connection("client").send(msg)) == HEADER.pack(len(body)) + body
+
+
+def test_frame_common_takes_only_the_common_shapes() -> None:
+    assert frame_common(Call(call_id=1, kind=0, timeout=0.0, target="f", payload=b"x"))
+    assert frame_common(Result(call_id=1, status=0, payload=b"x"))
+    assert frame_common(Result(call_id=1, status=1, message="boom")) is None
+    assert frame_common(Result(call_id=1, status=0, payload=b"x" * 5000)) is None
+    with_buffer = Call(call_id=1, kind=0, timeout=0, target="", payload=b"", buffers=(b"",))
+    assert frame_common(with_buffer) is None
+    assert frame_common(Ping(seq=1)) is None
 
 
 @given(st.sampled_from([Call.TAG, Result.TAG]), st.binary(max_size=80))
@@ -990,3 +1004,20 @@ def test_next_events_agrees_with_next_event(
     assert len(batched) == len(singles)
     for have, want in zip(batched, singles, strict=True):
         assert_same_message(have, want)
+
+
+def test_next_events_decodes_a_mixed_batch_in_order() -> None:
+    """Common results decode in one pass; a Ping, a result with text and an oversized
+    frame stop that pass and the general path takes over, in order."""
+    messages: list[Message] = [Result(call_id=i, status=0, payload=b"v%d" % i) for i in range(5)]
+    messages += [Ping(seq=1), Result(call_id=9, status=1, message="boom")]
+    messages += [Call(call_id=i, kind=0, timeout=0.0, target="f", payload=b"a") for i in range(3)]
+    conn = opened(max_message_size=64)
+    conn.receive_data(b"".join(frame(m) for m in messages))
+    got: list[Message] = []
+    assert conn.next_events(got) is NEED_DATA
+    assert got == messages
+    assert conn.buffered == 0
+    conn.receive_data(frame(Result(call_id=1, status=0, payload=b"x" * 100)))
+    with pytest.raises(ProtocolError, match="max_message_size"):
+        conn.next_events(got)

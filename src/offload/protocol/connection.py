@@ -23,12 +23,12 @@ and leave the connection CLOSED. There are no sockets, threads or clocks here.
 
 from __future__ import annotations
 
-import struct
 import sys
 
 from offload._version import __version__
 from offload.errors import ProtocolError, VersionMismatch
 from offload.protocol.messages import (
+    FRAME_HEADER,
     PROTOCOL_VERSION,
     Goodbye,
     Hello,
@@ -36,6 +36,7 @@ from offload.protocol.messages import (
     decode_body,
     decode_common,
     encode_body,
+    frame_common,
     message_size,
 )
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from offload.protocol.auth import Sealer
 
 MAC_SIZE = 32  # offload.protocol.auth.MAC_SIZE (not imported: workers never seal)
-HEADER = struct.Struct("!Q")
+HEADER = FRAME_HEADER
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -160,6 +161,16 @@ class Connection:
         return message_size(msg) <= self.max_message_size
 
     def _frame(self, msg: Message) -> list[bytes | bytearray | memoryview]:
+        sealer = self.sealer
+        if sealer is None:
+            whole = frame_common(msg)
+            if whole is not None:
+                if len(whole) - HEADER.size > self.max_message_size:
+                    raise ProtocolError(
+                        f"{type(msg).__name__} of {len(whole) - HEADER.size} bytes exceeds "
+                        f"max_message_size ({self.max_message_size})"
+                    )
+                return [whole]
         chunks = encode_body(msg)
         if len(chunks) == 1 and isinstance(chunks[0], bytearray):
             size = len(chunks[0])
@@ -170,7 +181,6 @@ class Connection:
                 f"{type(msg).__name__} of {size} bytes exceeds max_message_size "
                 f"({self.max_message_size})"
             )
-        sealer = self.sealer
         if sealer is not None:
             mac = sealer.seal(chunks)
             if len(chunks) == 1 and isinstance(chunks[0], bytearray):
@@ -237,6 +247,8 @@ class Connection:
             ProtocolError, VersionMismatch: as :meth:`next_event`; the messages before
                 the bad frame are in ``out``.
         """
+        if self.state is State.OPEN and self.sealer is None:
+            self._decode_common_frames(out)
         next_message = self._next_message
         while True:
             if self.state is not State.OPEN:
@@ -260,6 +272,30 @@ class Connection:
             if type(msg) is Goodbye:
                 self.state = State.CLOSED
                 return CLOSED
+
+    def _decode_common_frames(self, out: list[Message]) -> None:
+        """Decode the leading complete frames that are common calls and results in one
+        pass over the buffer (no copies but what the messages keep); stop at anything
+        else, which the general path then handles."""
+        buf = self._buf
+        pos = start = self._pos
+        end = len(buf)
+        limit = self.max_message_size
+        unpack = HEADER.unpack_from
+        with memoryview(buf) as view:
+            while end - pos >= 8:
+                (size,) = unpack(view, pos)
+                body = pos + 8
+                if size > limit or end - body < size:
+                    break
+                msg = decode_common(view, body, body + size)
+                if msg is None:
+                    break
+                out.append(msg)
+                pos = body + size
+        if pos != start:
+            self._pos = pos
+            self._compact()
 
     def _next_message(self) -> Message | Sentinel:
         available = len(self._buf) - self._pos

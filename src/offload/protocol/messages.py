@@ -515,28 +515,94 @@ def _encode_result(msg: Result) -> list[bytes | bytearray | memoryview] | None:
     return [head]
 
 
-def _decode_call(body: memoryview) -> Call | None:
-    """A Call with no buffers, or None to let the generic decoder judge the frame."""
-    end = len(body)
-    pos = _CALL_FIXED.size
+# Whole frames (length header and body) of the common calls and results, built in one
+# join: what an unsealed connection sends for almost every message.
+FRAME_HEADER = struct.Struct("!Q")  # a frame: its body's length, then the body
+_CALL_FRAME = struct.Struct("!QBQQdI")  # length, tag, call_id, kind, timeout, len(target)
+_RESULT_FRAME = struct.Struct("!QBQQdIIII")  # ... status, elapsed, 3 empty texts, len(payload)
+_CALL_BODY_FIXED = _CALL_FRAME.size - FRAME_HEADER.size + 12  # + function, payload, buffers
+_RESULT_BODY_FIXED = _RESULT_FRAME.size - FRAME_HEADER.size + 4  # + buffer count
+
+
+def frame_common(msg: Message) -> bytes | None:
+    """The whole frame of a Call or Result of the common shape (no buffers, small
+    fields), or None: then frame :func:`encode_body`'s chunks."""
+    kind = type(msg)
+    if kind is Call:
+        call: Call = msg  # type: ignore[assignment]
+        function, payload = call.function, call.payload
+        if call.buffers or len(payload) >= _SMALL or len(function) >= _SMALL:
+            return None
+        target = call.target.encode("utf-8", "surrogateescape")
+        if len(target) >= _SMALL:
+            return None
+        size = _CALL_BODY_FIXED + len(target) + len(function) + len(payload)
+        return b"".join(
+            (
+                _CALL_FRAME.pack(
+                    size, Call.TAG, call.call_id, call.kind, call.timeout, len(target)
+                ),
+                target,
+                _U32.pack(len(function)),
+                function,
+                _U32.pack(len(payload)),
+                payload,
+                _NO_BUFFERS,
+            )
+        )
+    if kind is Result:
+        result: Result = msg  # type: ignore[assignment]
+        payload = result.payload
+        if (
+            result.buffers
+            or result.type_name
+            or result.message
+            or result.traceback
+            or len(payload) >= _SMALL
+        ):
+            return None
+        return b"".join(
+            (
+                _RESULT_FRAME.pack(
+                    _RESULT_BODY_FIXED + len(payload),
+                    Result.TAG,
+                    result.call_id,
+                    result.status,
+                    result.elapsed,
+                    0,
+                    0,
+                    0,
+                    len(payload),
+                ),
+                payload,
+                _NO_BUFFERS,
+            )
+        )
+    return None
+
+
+def _decode_call(buf: memoryview, start: int, end: int) -> Call | None:
+    """The Call in ``buf[start:end]`` if it has no buffers, or None to let the generic
+    decoder judge the frame."""
+    pos = start + _CALL_FIXED.size
     if end < pos + 16:
         return None
-    _, call_id, kind, timeout = _CALL_FIXED.unpack_from(body, 0)
-    (n,) = _U32.unpack_from(body, pos)
+    _, call_id, kind, timeout = _CALL_FIXED.unpack_from(buf, start)
+    (n,) = _U32.unpack_from(buf, pos)
     pos += 4
     if pos + n + 12 > end:
         return None
-    target = str(body[pos : pos + n], "utf-8", "surrogateescape")
+    target = str(buf[pos : pos + n], "utf-8", "surrogateescape")
     pos += n
-    (n,) = _U32.unpack_from(body, pos)
+    (n,) = _U32.unpack_from(buf, pos)
     pos += 4
     if pos + n + 8 > end:
         return None
-    function = bytes(body[pos : pos + n]) if n else b""
+    function = bytes(buf[pos : pos + n]) if n else b""
     pos += n
-    (n,) = _U32.unpack_from(body, pos)
+    (n,) = _U32.unpack_from(buf, pos)
     pos += 4
-    if pos + n + 4 != end or body[pos + n : end] != _NO_BUFFERS:
+    if pos + n + 4 != end or buf[pos + n : end] != _NO_BUFFERS:
         return None
     msg = Call.__new__(Call)
     _set(msg, "call_id", call_id)
@@ -544,20 +610,20 @@ def _decode_call(body: memoryview) -> Call | None:
     _set(msg, "timeout", timeout)
     _set(msg, "target", target)
     _set(msg, "function", function)
-    _set(msg, "payload", bytes(body[pos : pos + n]))
+    _set(msg, "payload", bytes(buf[pos : pos + n]))
     _set(msg, "buffers", ())
     return msg
 
 
-def _decode_result(body: memoryview) -> Result | None:
-    """A Result with no text and no buffers, or None to let the generic decoder judge."""
-    pos = _RESULT_FIXED.size + _NO_TEXT_PAYLOAD.size
-    end = len(body)
+def _decode_result(buf: memoryview, start: int, end: int) -> Result | None:
+    """The Result in ``buf[start:end]`` if it has no text and no buffers, or None to
+    let the generic decoder judge the frame."""
+    pos = start + _RESULT_FIXED.size + _NO_TEXT_PAYLOAD.size
     if end < pos + 4:
         return None
-    _, call_id, status, elapsed = _RESULT_FIXED.unpack_from(body, 0)
-    a, b, c, n = _NO_TEXT_PAYLOAD.unpack_from(body, _RESULT_FIXED.size)
-    if a or b or c or pos + n + 4 != end or body[pos + n : end] != _NO_BUFFERS:
+    _, call_id, status, elapsed = _RESULT_FIXED.unpack_from(buf, start)
+    a, b, c, n = _NO_TEXT_PAYLOAD.unpack_from(buf, start + _RESULT_FIXED.size)
+    if a or b or c or pos + n + 4 != end or buf[pos + n : end] != _NO_BUFFERS:
         return None
     msg = Result.__new__(Result)
     _set(msg, "call_id", call_id)
@@ -566,21 +632,24 @@ def _decode_result(body: memoryview) -> Result | None:
     _set(msg, "type_name", "")
     _set(msg, "message", "")
     _set(msg, "traceback", "")
-    _set(msg, "payload", bytes(body[pos : pos + n]))
+    _set(msg, "payload", bytes(buf[pos : pos + n]))
     _set(msg, "buffers", ())
     return msg
 
 
-def decode_common(body: memoryview) -> Message | None:
-    """Decode a frame body if it is a Call or Result of the common shape (no buffers);
-    None otherwise, and then :func:`decode_body` decides. Keeps no reference to ``body``."""
-    if not body:
+def decode_common(body: memoryview, start: int = 0, end: int | None = None) -> Message | None:
+    """Decode the frame body ``body[start:end]`` if it is a Call or Result of the common
+    shape (no buffers); None otherwise, and then :func:`decode_body` decides. Keeps no
+    reference to ``body``."""
+    if end is None:
+        end = len(body)
+    if end <= start:
         return None
-    tag = body[0]
+    tag = body[start]
     if tag == Result.TAG:
-        return _decode_result(body)
+        return _decode_result(body, start, end)
     if tag == Call.TAG:
-        return _decode_call(body)
+        return _decode_call(body, start, end)
     return None
 
 
