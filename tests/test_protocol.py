@@ -1021,3 +1021,22 @@ def test_next_events_decodes_a_mixed_batch_in_order() -> None:
     conn.receive_data(frame(Result(call_id=1, status=0, payload=b"x" * 100)))
     with pytest.raises(ProtocolError, match="max_message_size"):
         conn.next_events(got)
+
+
+@given(st.one_of(message_strategy(Call), common_shapes.filter(lambda m: isinstance(m, Call))))
+def test_send_call_frames_like_send(msg: Message) -> None:
+    """Framing a call from its fields gives the bytes of framing the Call itself."""
+    assert isinstance(msg, Call)
+    fields = (
+        msg.call_id,
+        msg.kind,
+        msg.timeout,
+        msg.target,
+        msg.function,
+        msg.payload,
+        msg.buffers,
+    )
+    assert join(Connection("client").send_call(fields)) == join(Connection("client").send(msg))
+    tiny = Connection("client", max_message_size=8)
+    with pytest.raises(ProtocolError, match="max_message_size"):
+        tiny.send_call(fields)

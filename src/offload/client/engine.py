@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from offload import protocol as p
 from offload.client.future import Future
@@ -54,6 +54,9 @@ from offload.process.child import ChildProcess, LaunchSpec, launch
 from offload.serde import culprit, dumps, function_reference, loads, type_name
 from offload.transport.channel import Channel
 from offload.transport.loop import Loop, Timer, get_loop
+
+if TYPE_CHECKING:
+    from offload.protocol.messages import CallFields
 from offload.worker.runtime import INIT_KIND
 
 log = logging.getLogger("offload")
@@ -101,16 +104,17 @@ class CallRecord(CallEntry):
     on_raw_progress: Callable[[p.Progress], Any] | None = None
     started: bool = False  # its future is RUNNING (it stays so when the call is requeued)
 
-    def message(self) -> p.Call:
-        """The Call to send (made when it is sent: queued calls carry no message)."""
-        return p.Call(
-            call_id=self.call_id,
-            kind=self.kind,
-            timeout=self.timeout or 0.0,
-            target=self.target,
-            payload=self.payload,
-            buffers=self.buffers,
-            function=self.function,
+    def fields(self) -> CallFields:
+        """The fields of the Call to send, in wire order (the frame is made from them
+        when the call is sent: a queued call carries no message)."""
+        return (
+            self.call_id,
+            self.kind,
+            self.timeout or 0.0,
+            self.target,
+            self.function,
+            self.payload,
+            self.buffers,
         )
 
     def describe(self) -> str:
@@ -183,7 +187,7 @@ class SlotProcess(Protocol):
     @property
     def child(self) -> ChildProcess | None: ...
     def start(self) -> None: ...
-    def send_calls(self, calls: list[p.Call]) -> None: ...
+    def send_calls(self, calls: list[CallFields]) -> None: ...
     def flush(self) -> None: ...
     def pump(self, future: Future[Any]) -> None: ...
     def stop(self) -> None: ...
@@ -416,11 +420,11 @@ class WorkerProcess:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def send_calls(self, calls: list[p.Call]) -> None:
+    def send_calls(self, calls: list[CallFields]) -> None:
         """Queue calls for the worker (engine lock held: it orders them); :meth:`flush`
         writes them."""
         if self.channel is not None:
-            self.channel.enqueue(calls)
+            self.channel.enqueue_calls(calls)
 
     def flush(self) -> None:
         """Write the queued calls (after the engine lock is released)."""
@@ -603,7 +607,9 @@ class Engine:
             err.__cause__ = exc
             future._resolve_exception(err, task_raised=False)
             return future
-        size = len(data) + len(function) + sum(b.nbytes for b in buffers) if buffers else len(data)
+        size = len(data) + len(function)
+        if buffers:
+            size += sum(b.nbytes for b in buffers)
         if size > self.options.max_message_size:
             future._resolve_exception(
                 SerializationError(
@@ -960,7 +966,7 @@ class Engine:
                             channel = proc.channel
                             if call_id == self._waiting_call and channel and channel.claim():
                                 self._claimed = channel
-                        messages.append(record.message())
+                        messages.append(record.fields())
                     if proc is not None:
                         proc.send_calls(messages)
                         # Write now if the worker may run out of work; otherwise the

@@ -27,6 +27,7 @@ from offload.transport.net import TLS, Address, client_handshake, connect, parse
 
 if TYPE_CHECKING:
     from offload.client.engine import Engine
+    from offload.protocol.messages import CallFields
 
 DEFAULT_HEARTBEAT = (5.0, 30.0)
 TOKEN_ENV = "OFFLOAD_TOKEN"
@@ -261,11 +262,12 @@ class RemoteProcess:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def send_calls(self, calls: list[p.Call]) -> None:
-        """Queue calls for the server; :meth:`flush` writes them."""
+    def send_calls(self, calls: list[CallFields]) -> None:
+        """Queue calls (their fields, in wire order) for the server; :meth:`flush`
+        writes them."""
         if self.channel is not None:
-            self._sent.update(call.call_id for call in calls)
-            self.channel.enqueue(calls)
+            self._sent.update(fields[0] for fields in calls)
+            self.channel.enqueue_calls(calls)
 
     def flush(self) -> None:
         """Write the queued calls."""

@@ -30,12 +30,14 @@ from offload.errors import ProtocolError, VersionMismatch
 from offload.protocol.messages import (
     FRAME_HEADER,
     PROTOCOL_VERSION,
+    Call,
     Goodbye,
     Hello,
     Message,
     decode_body,
     decode_common,
     encode_body,
+    frame_call,
     frame_common,
     message_size,
 )
@@ -43,6 +45,7 @@ from offload.protocol.messages import (
 TYPE_CHECKING = False  # workers import this at start-up; typing and hashlib cost time
 if TYPE_CHECKING:
     from offload.protocol.auth import Sealer
+    from offload.protocol.messages import CallFields
 
 MAC_SIZE = 32  # offload.protocol.auth.MAC_SIZE (not imported: workers never seal)
 HEADER = FRAME_HEADER
@@ -155,6 +158,26 @@ class Connection:
         if isinstance(msg, Goodbye):
             self.state = State.CLOSED
         return self._frame(msg)
+
+    def send_call(self, fields: CallFields) -> list[bytes | bytearray | memoryview]:
+        """``send(Call(...))`` from the Call's fields in wire order, without making the
+        Call when it can."""
+        if self.sealer is None and self.state is not State.CLOSED:
+            whole = frame_call(fields)
+            if whole is not None and len(whole) - HEADER.size <= self.max_message_size:
+                return [whole]
+        call_id, kind, timeout, target, function, payload, buffers = fields
+        return self.send(
+            Call(
+                call_id=call_id,
+                kind=kind,
+                timeout=timeout,
+                target=target,
+                function=function,
+                payload=payload,
+                buffers=buffers,
+            )
+        )
 
     def fits(self, msg: Message) -> bool:
         """Whether ``msg`` is within ``max_message_size``."""

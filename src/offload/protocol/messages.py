@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from typing import Any, ClassVar, TypeAlias
 
     Buffers: TypeAlias = tuple[bytes | bytearray | memoryview, ...]
+    # A Call's fields in wire order: call_id, kind, timeout, target, function, payload,
+    # buffers (a sender can frame a call from them without making the Call).
+    CallFields: TypeAlias = tuple[int, int, float, str, bytes, bytes, Buffers]
 
 
 PROTOCOL_VERSION = 2
@@ -524,30 +527,50 @@ _CALL_BODY_FIXED = _CALL_FRAME.size - FRAME_HEADER.size + 12  # + function, payl
 _RESULT_BODY_FIXED = _RESULT_FRAME.size - FRAME_HEADER.size + 4  # + buffer count
 
 
+def frame_call(fields: CallFields) -> bytes | None:
+    """The whole frame of the Call with these fields (in wire order), without making
+    the Call; None if it has buffers or a field too large for this path."""
+    call_id, kind, timeout, target, function, payload, buffers = fields
+    if buffers or len(payload) >= _SMALL or len(function) >= _SMALL:
+        return None
+    name = target.encode("utf-8", "surrogateescape")
+    if len(name) >= _SMALL:
+        return None
+    return b"".join(
+        (
+            _CALL_FRAME.pack(
+                _CALL_BODY_FIXED + len(name) + len(function) + len(payload),
+                Call.TAG,
+                call_id,
+                kind,
+                timeout,
+                len(name),
+            ),
+            name,
+            _U32.pack(len(function)),
+            function,
+            _U32.pack(len(payload)),
+            payload,
+            _NO_BUFFERS,
+        )
+    )
+
+
 def frame_common(msg: Message) -> bytes | None:
     """The whole frame of a Call or Result of the common shape (no buffers, small
     fields), or None: then frame :func:`encode_body`'s chunks."""
     kind = type(msg)
     if kind is Call:
         call: Call = msg  # type: ignore[assignment]
-        function, payload = call.function, call.payload
-        if call.buffers or len(payload) >= _SMALL or len(function) >= _SMALL:
-            return None
-        target = call.target.encode("utf-8", "surrogateescape")
-        if len(target) >= _SMALL:
-            return None
-        size = _CALL_BODY_FIXED + len(target) + len(function) + len(payload)
-        return b"".join(
+        return frame_call(
             (
-                _CALL_FRAME.pack(
-                    size, Call.TAG, call.call_id, call.kind, call.timeout, len(target)
-                ),
-                target,
-                _U32.pack(len(function)),
-                function,
-                _U32.pack(len(payload)),
-                payload,
-                _NO_BUFFERS,
+                call.call_id,
+                call.kind,
+                call.timeout,
+                call.target,
+                call.function,
+                call.payload,
+                call.buffers,
             )
         )
     if kind is Result:

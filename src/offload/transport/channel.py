@@ -21,6 +21,10 @@ from offload import protocol as p
 from offload.errors import ProtocolError
 from offload.transport.loop import Loop
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from offload.protocol.messages import CallFields
+
 # Reads go into one preallocated buffer per channel: a fresh 256 KiB bytes object per
 # read costs an mmap/munmap pair, more than the rest of a small call's round trip.
 _READ_SIZE = 1 << 18
@@ -105,6 +109,17 @@ class Channel:
                 return False
             for msg in msgs:
                 self._outbox += self.conn.send(msg)
+        return True
+
+    def enqueue_calls(self, calls: Sequence[CallFields]) -> bool:
+        """Encode calls, given as the fields of a Call in wire order (call_id, kind,
+        timeout, target, function, payload, buffers), onto the outbox."""
+        with self._outbox_lock:
+            if self._closed or self.conn.state is p.State.CLOSED:
+                return False
+            send_call = self.conn.send_call
+            for fields in calls:
+                self._outbox += send_call(fields)
         return True
 
     def write(self, chunks: list[Any]) -> bool:
