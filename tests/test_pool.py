@@ -511,6 +511,20 @@ def test_map_over_an_infinite_iterator_reads_lazily(pools: Callable[..., offload
     assert pool.submit(ph.square, 9).result(RESOLVE) == 81
 
 
+def test_map_iterator_next_and_loops_share_one_position(
+    pools: Callable[..., offload.Pool],
+) -> None:
+    pool = pools(2)
+    results = pool.map(ph.square, range(10), chunksize=3)
+    assert iter(results) is iter(results)
+    assert next(results) == 0
+    assert [r for _, r in zip(range(2), results, strict=False)] == [1, 4]
+    assert next(results) == 9
+    assert list(results) == [i * i for i in range(4, 10)]
+    with pytest.raises(StopIteration):
+        next(results)
+
+
 def test_map_explicit_chunksize(pools: Callable[..., offload.Pool]) -> None:
     pool = pools(2)
     out = list(pool.map(ph.with_pid, range(100), chunksize=25))

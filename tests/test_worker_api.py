@@ -841,6 +841,27 @@ def test_module_functions_travel_by_reference_and_the_rest_by_value(
     assert w.call(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
 
 
+def test_tiny_results_do_not_wait_for_a_long_call_sent_with_them(
+    spawn: Callable[..., offload.Worker], tmp_path: Path
+) -> None:
+    """Calls sent together (a deep pipeline of tiny calls) come back one by one: a
+    result is never held back to share a write with a later call's, which may run long."""
+    w = spawn()
+    for f in [w.submit(abs, -1) for _ in range(200)]:  # tiny calls: a deep pipeline
+        assert f.result(timeout=30) == 1
+    first = w.submit(h.block, str(tmp_path / "a-started"), str(tmp_path / "a-go"))
+    assert h.wait_for(tmp_path / "a-started")
+    tiny = [w.submit(abs, -i) for i in range(1, 40)]  # they queue up behind `first`
+    long = w.submit(h.block, str(tmp_path / "b-started"), str(tmp_path / "b-go"))
+    h.touch(tmp_path / "a-go")
+    assert h.wait_for(tmp_path / "b-started")  # the long call runs: the tiny ones ran
+    assert [f.result(timeout=10) for f in tiny] == list(range(1, 40))
+    assert not long.done()
+    h.touch(tmp_path / "b-go")
+    assert long.result(timeout=10) == "released"
+    assert first.result(timeout=10) == "released"
+
+
 def test_closure_travels_by_value(spawn: Callable[..., offload.Worker]) -> None:
     def make_adder(k: int) -> Callable[[int], int]:
         def adder(x: int) -> int:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -189,7 +189,7 @@ class Pool(Submitter, concurrent.futures.Executor):
             raise RuntimeError("cannot map after shutdown")
         target, call_timeout, retries = call_settings(fn)
         bar = _progress_bar(total) if progress else None
-        return _MapRun(
+        run = _MapRun(
             self,
             target,
             items,
@@ -201,7 +201,8 @@ class Pool(Submitter, concurrent.futures.Executor):
             bar=bar,
             total=total,
             star=star,
-        ).results()
+        )
+        return MapIterator(run.chunks())
 
     # -- state -------------------------------------------------------------------------
 
@@ -405,7 +406,9 @@ class _MapRun:
             return None
         return max(0.0, self.deadline - time.monotonic())
 
-    def results(self) -> Iterator[Any]:
+    def chunks(self) -> Generator[Iterable[Any], None, None]:
+        """The results chunk by chunk (a list, or an iterator that raises at the first
+        failed item)."""
         try:
             self._fill()
             while self.inflight:
@@ -428,16 +431,45 @@ class _MapRun:
                 if self.bar is not None:
                     self.bar.update(len(values))
                 if all_ok:
-                    yield from values
-                else:
-                    for outcome in values:
-                        yield _unpack(outcome)
+                    yield values
+                else:  # raises at the failed item, and the map ends there
+                    yield _until_failure(values)
+                    return
         finally:
             # Abandoned (break, exception, Ctrl-C): queued chunks never run.
             for fut, _, _ in self.inflight:
                 fut.cancel()
             if self.bar is not None:
                 self.bar.close()
+
+
+class MapIterator(Iterator[T]):
+    """What :meth:`Pool.map` and :meth:`Pool.imap_unordered` return: an iterator over
+    the results that also has ``close()`` (stop: the calls not sent yet never run).
+
+    ``for`` loops and ``list()`` run over the results chunk by chunk at C speed: the
+    chunks are lists, chained by ``itertools.chain``, which ``iter()`` hands out. It
+    is the one underlying iterator, so ``next()`` and loops share their position.
+    """
+
+    def __init__(self, chunks: Generator[Iterable[T], None, None]) -> None:
+        self._chunks = chunks
+        self._items: Iterator[T] = itertools.chain.from_iterable(chunks)
+
+    def __iter__(self) -> Iterator[T]:
+        return self._items
+
+    def __next__(self) -> T:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop early: cancel the chunks that were not sent to a worker yet."""
+        self._chunks.close()
+
+
+def _until_failure(outcomes: list[tuple[Any, ...]]) -> Iterator[Any]:
+    for outcome in outcomes:
+        yield _unpack(outcome)
 
 
 def _unpack(outcome: tuple[Any, ...]) -> Any:

@@ -56,7 +56,6 @@ _current = _thread._local()
 _clock = __import__("time").perf_counter
 _IOV_MAX = 1024  # buffers one writev takes at most (Linux)
 _MAX_FUNCTIONS = 1024
-_HOLD = 0.0005  # longest a finished call's result waits to share a write with others
 
 
 def report(value: Any) -> None:
@@ -116,16 +115,6 @@ class Runtime:
             if self._closed:
                 return
             self._write(self.conn.send(msg))
-
-    def send_many(self, msgs: list[p.Message]) -> None:
-        """Send several messages in one write."""
-        with self._send_lock:
-            if self._closed:
-                return
-            chunks: list[Any] = []
-            for msg in msgs:
-                chunks += self.conn.send(msg)
-            self._write(chunks)
 
     def _write(self, chunks: list[Any]) -> None:
         views = [memoryview(c).cast("B") for c in chunks]
@@ -202,31 +191,19 @@ class Runtime:
             for msg in batch:  # a Cancel read with its call must win over running it
                 if isinstance(msg, p.Cancel):
                     self.cancelled.add(msg.call_id)
-            # Results of calls read together go back together (one write, one wake-up
-            # of the client), unless holding them would delay one by over _HOLD seconds.
-            held: list[p.Message] = []
-            held_since = 0.0
             for msg in batch:
                 if isinstance(msg, p.Call):
                     if msg.call_id in self.cancelled:
                         self.cancelled.discard(msg.call_id)
                         continue
-                    result = self.timed_run(msg)
-                    if not held:
-                        held_since = _clock()
-                    held.append(result)
-                    if _clock() - held_since >= _HOLD:
-                        self.send_many(held)
-                        held = []
-                    continue
-                if held:
-                    self.send_many(held)
-                    held = []
-                if isinstance(msg, p.Shutdown):
+                    # Each result goes back as soon as it is ready: holding it to share
+                    # a write with the next call's would make it wait for that call,
+                    # however long it runs.
+                    self.send(self.timed_run(msg))
+                elif isinstance(msg, p.Shutdown):
                     return
-                self.dispatch(msg)
-            if held:
-                self.send_many(held)
+                else:
+                    self.dispatch(msg)
 
     def dispatch(self, msg: Any) -> None:
         match msg:
