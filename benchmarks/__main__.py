@@ -53,9 +53,9 @@ class Plan:
     cold_reps: int = 10
     give_up: float = 2.0  # seconds before a call that should have failed counts as hung
     pool_calls: int = 20_000  # pool: tiny calls submitted at once, per run
-    pool_reps: int = 3
+    pool_reps: int = 5
     map_items: int = 200_000
-    map_reps: int = 3
+    map_reps: int = 5
     chunksizes: tuple[int, ...] = (1, 100, 1000, 5000)  # tried for every peer's map
     pool_cold_reps: int = 10
     pool_failure_reps: int = 10
