@@ -9,7 +9,11 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import os
+import re
+import secrets
+import subprocess
 import sys
+import tempfile
 import time
 
 import offload
@@ -71,7 +75,40 @@ def main() -> None:
         print(f"{'':<28}    (resolved after {time.perf_counter() - started:.2f} s)")
 
         show("square(4) on a fresh worker", w.submit(square, 4))
+    remote()
     print("\nall futures resolved; no worker left behind.")
+
+
+def remote() -> None:
+    """The same calls through a worker server (``offload serve``) on loopback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = os.path.join(tmp, "token")
+        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
+        serve = os.path.join(os.path.dirname(sys.executable), "offload")
+        server = subprocess.Popen(
+            [serve, "serve", "--listen", "127.0.0.1:0", "--token-file", token_file],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()  # "offload: serving on HOST:PORT (pid N)"
+            found = re.search(r"serving on (\S+)", line)
+            if found is None:
+                raise RuntimeError(f"offload serve said {line!r}")
+            address = found.group(1)
+            print(f"\nworker server on {address} (pid {server.pid}), token in a 0600 file")
+            with open(token_file) as f:
+                token = f.read().strip()
+            with offload.connect(address, token=token) as w:
+                show("remote square(12)", w.submit(square, 12))
+                show("remote segfault()", w.submit(segfault))
+                show("remote square(3), after it", w.submit(square, 3))
+        finally:
+            server.terminate()  # SIGTERM: the server drains and exits
+            server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -34,4 +34,9 @@ def test_demo_runs() -> None:
     ).stdout
     assert "WorkerCrashed" in out and "SIGSEGV" in out
     assert "WorkerKilled" in out and "TaskTimeout" in out
+    # The same calls through an `offload serve` on loopback, a crash included.
+    assert "worker server on 127.0.0.1:" in out
+    assert "remote square(12)            -> 144" in out
+    assert "remote segfault()            -> WorkerCrashed" in out
+    assert "remote square(3), after it   -> 9" in out
     assert "no worker left behind" in out
