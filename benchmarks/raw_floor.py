@@ -75,6 +75,16 @@ def start_child(module: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     return proc, parent
 
 
+def stop_child(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    """Close the parent's end (the child exits on EOF); kill the child if it lingers."""
+    sock.close()
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RawWorker:
     """The parent's side: one child process and its socket."""
 
@@ -96,12 +106,7 @@ class RawWorker:
 
     def close(self) -> None:
         """Close the socket (the child exits on EOF); kill it if it lingers."""
-        self.sock.close()
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_child(self.proc, self.sock)
 
     def __enter__(self) -> RawWorker:
         return self

@@ -18,13 +18,12 @@ import pickle
 import selectors
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.raw_floor import start_child
+from benchmarks.raw_floor import start_child, stop_child
 
 _HEADER = struct.Struct("!I")
 _READ = 1 << 20
@@ -68,12 +67,7 @@ class _Worker:
         self.outstanding = 0
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_child(self.proc, self.sock)
 
 
 class RawPool:

@@ -635,18 +635,7 @@ class Engine:
             args=args,
             kwargs=kwargs,
         )
-        future._owner = self
-        future._call_id = call_id
-        with self.lock:
-            if self.scheduler.closed:
-                raise RuntimeError("cannot submit after shutdown")
-            self.records[call_id] = record
-            self._waiting_call = call_id if wait else 0
-            deferred = self._apply(self.scheduler.submit_entry(record, self.loop.clock()))
-            claimed, self._claimed = self._claimed, None
-        self._resolve(deferred)
-        if claimed is not None:
-            claimed.pump_claimed(future.done, PUMP_WINDOW)
+        self._schedule_new(record, wait=wait)
         return future
 
     def submit_raw(
@@ -679,15 +668,29 @@ class Engine:
             raw=True,
             on_raw_progress=on_progress,
         )
+        self._schedule_new(record, wait=False)
+        return future
+
+    def _schedule_new(self, record: CallRecord, *, wait: bool) -> None:
+        """Hand a new call to the scheduler. With ``wait``, a call that goes to a
+        worker at once has its answer read on this thread (see ``Channel.claim``).
+
+        Raises:
+            RuntimeError: after shutdown.
+        """
+        future = record.future
         future._owner = self
-        future._call_id = call_id
+        future._call_id = record.call_id
         with self.lock:
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
-            self.records[call_id] = record
+            self.records[record.call_id] = record
+            self._waiting_call = record.call_id if wait else 0
             deferred = self._apply(self.scheduler.submit_entry(record, self.loop.clock()))
+            claimed, self._claimed = self._claimed, None
         self._resolve(deferred)
-        return future
+        if claimed is not None:
+            claimed.pump_claimed(future.done, PUMP_WINDOW)
 
     def cancel(self, call_id: int) -> bool:
         """Drop a queued call; False once it was sent to a worker."""

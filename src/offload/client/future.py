@@ -319,12 +319,9 @@ class Future(concurrent.futures.Future[T]):
         touched it (the client calls this under its own lock, which cancel() takes too,
         so the future is PENDING then)."""
         if _LIGHT_INIT and self._cond is None and self._state == _PENDING:
-            self._state = _RUNNING
-            if self._cond is None:
-                return True
-            # A thread took the lock meanwhile (wait() or a callback): running needs no
-            # notification, but let the standard code see the state it expects.
-        return self.set_running_or_notify_cancel() if self._state != _RUNNING else True
+            self._state = _RUNNING  # waiters are told of results, never of running
+            return True
+        return self.set_running_or_notify_cancel()
 
     def _resolve_value(self, value: Any) -> bool:
         self._pump = None

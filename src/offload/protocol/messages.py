@@ -488,36 +488,6 @@ _NO_TEXT_PAYLOAD = struct.Struct("!IIII")  # empty type_name, message, traceback
 _NO_BUFFERS = bytes(4)
 
 
-def _encode_call(msg: Call) -> list[bytes | bytearray | memoryview] | None:
-    payload = msg.payload
-    function = msg.function
-    if msg.buffers or len(payload) >= _SMALL or len(function) >= _SMALL:
-        return None
-    target = msg.target.encode("utf-8", "surrogateescape")
-    if len(target) >= _SMALL:
-        return None
-    head = bytearray(_CALL_FIXED.pack(Call.TAG, msg.call_id, msg.kind, msg.timeout))
-    head += _U32.pack(len(target))
-    head += target
-    head += _U32.pack(len(function))
-    head += function
-    head += _U32.pack(len(payload))
-    head += payload
-    head += _NO_BUFFERS
-    return [head]
-
-
-def _encode_result(msg: Result) -> list[bytes | bytearray | memoryview] | None:
-    payload = msg.payload
-    if msg.buffers or msg.type_name or msg.message or msg.traceback or len(payload) >= _SMALL:
-        return None
-    head = bytearray(_RESULT_FIXED.pack(Result.TAG, msg.call_id, msg.status, msg.elapsed))
-    head += _NO_TEXT_PAYLOAD.pack(0, 0, 0, len(payload))
-    head += payload
-    head += _NO_BUFFERS
-    return [head]
-
-
 # Whole frames (length header and body) of the common calls and results, built in one
 # join: what an unsealed connection sends for almost every message.
 FRAME_HEADER = struct.Struct("!Q")  # a frame: its body's length, then the body
@@ -678,15 +648,9 @@ def decode_common(body: memoryview, start: int = 0, end: int | None = None) -> M
 
 def encode_body(msg: Message) -> list[bytes | bytearray | memoryview]:
     """Encode a message into frame-body chunks (no frame header)."""
-    kind = type(msg)
-    if kind is Result:
-        fast = _encode_result(msg)  # type: ignore[arg-type]
-        if fast is not None:
-            return fast
-    elif kind is Call:
-        fast = _encode_call(msg)  # type: ignore[arg-type]
-        if fast is not None:
-            return fast
+    whole = frame_common(msg)
+    if whole is not None:  # the common shapes: their frame, without the length header
+        return [memoryview(whole)[FRAME_HEADER.size :]]
     return encode_generic(msg)
 
 

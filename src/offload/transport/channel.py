@@ -98,10 +98,6 @@ class Channel:
         """Encode and write one message; False if the channel is closed. Thread-safe."""
         return self.enqueue((msg,)) and self.flush()
 
-    def send_many(self, msgs: Sequence[p.Message]) -> bool:
-        """Write several messages in as few system calls as possible."""
-        return self.enqueue(msgs) and self.flush()
-
     def enqueue(self, msgs: Sequence[p.Message]) -> bool:
         """Encode messages onto the outbox; :meth:`flush` writes them. Thread-safe."""
         with self._outbox_lock:
