@@ -379,3 +379,37 @@ def test_kill_while_a_replacement_is_starting() -> None:
         assert time.monotonic() - started < 3, "shutdown() waited for an orphaned process"
     finally:
         w.shutdown(timeout=5)
+
+
+def test_a_fork_while_a_worker_starts_does_not_hang_the_start() -> None:
+    """A fork in another thread (multiprocessing's "fork" workers, a user's os.fork)
+    while offload's I/O thread runs Popen must not copy Popen's error pipe into a
+    process that never execs: Popen would wait for that process to exit, and every
+    call of the pool with it. A thread forks over and over while workers start; the
+    forked copies live until the end of the test, like pool workers."""
+    r, w = os.pipe()
+    pids: list[int] = []
+    stop = threading.Event()
+
+    def fork_repeatedly() -> None:
+        while not stop.is_set() and len(pids) < 200:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the forked copy only waits
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            pids.append(pid)
+
+    forker = threading.Thread(target=fork_repeatedly)
+    forker.start()
+    try:
+        for _ in range(5):
+            with offload.Pool(workers=2) as pool:
+                assert pool.submit(abs, -3).result(timeout=20) == 3
+    finally:
+        stop.set()
+        forker.join()
+        os.close(w)
+        os.close(r)
+        for pid in pids:
+            os.waitpid(pid, 0)

@@ -28,6 +28,48 @@ log = logging.getLogger("offload")
 TAIL_LIMIT = 64 * 1024
 KILL_GRACE = 0.5  # seconds between SIGTERM and SIGKILL
 
+# subprocess.Popen waits for its error pipe to close, which happens when the new child
+# execs. A fork in another thread meanwhile (multiprocessing's "fork" start method, a
+# user's os.fork) copies that pipe into a process that never execs, and Popen would
+# then wait as long as that process lives: forever, for a pool worker. So forks wait
+# for a Popen in progress to finish, and Popen for a fork in progress.
+_popen_lock = threading.RLock()
+
+
+_fork_holds = threading.local()  # how many forks in progress on this thread hold it
+
+
+def _before_fork() -> None:
+    _popen_lock.acquire()
+    _fork_holds.count = getattr(_fork_holds, "count", 0) + 1
+
+
+def _after_fork_in_parent() -> None:
+    # Nothing to release for a fork that began before this module was imported (a
+    # thread may import it while another forks).
+    if getattr(_fork_holds, "count", 0):
+        _fork_holds.count -= 1
+        _popen_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _popen_lock
+    _popen_lock = threading.RLock()
+    _fork_holds.count = 0
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen``, never overlapping a fork by another thread (see above)."""
+    with _popen_lock:
+        return subprocess.Popen(argv, **kwargs)
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -347,7 +389,7 @@ def launch(
             stdout = subprocess.DEVNULL
         elif spec.stdout != "inherit":
             stdout = subprocess.PIPE
-        popen = subprocess.Popen(
+        process = popen(
             worker_argv(spec),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -364,10 +406,16 @@ def launch(
     finally:
         child_sock.close()
     # The loop owns the pipes' fds from here on (Popen must not close them).
-    stderr_fd = _take_fd(popen.stderr)
-    stdout_fd = _take_fd(popen.stdout)
+    stderr_fd = _take_fd(process.stderr)
+    stdout_fd = _take_fd(process.stdout)
     child = ChildProcess(
-        popen.pid, spec, loop, on_exit, stderr_fd=stderr_fd, stdout_fd=stdout_fd, reap=popen.poll
+        process.pid,
+        spec,
+        loop,
+        on_exit,
+        stderr_fd=stderr_fd,
+        stdout_fd=stdout_fd,
+        reap=process.poll,
     )
     return child, parent_sock
 

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from offload.process.child import ChildProcess, LaunchSpec, become_worker, output_pipes
+from offload.process.child import ChildProcess, LaunchSpec, become_worker, output_pipes, popen
 from offload.transport.loop import Loop, keep_open
 
 ENV = "OFFLOAD_FORKSERVER"
@@ -58,7 +58,7 @@ class ForkServer:
         env = dict(os.environ)
         env[ENV] = pickle.dumps(settings).hex()
         try:
-            self.popen = subprocess.Popen(
+            self.popen = popen(
                 [python, "-c", "from offload.process.forkserver import serve; serve()"],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),

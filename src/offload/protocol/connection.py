@@ -339,23 +339,20 @@ class Connection:
         if available < HEADER.size + size:
             return NEED_DATA
         start = self._pos + HEADER.size
-        self._pos = start + size
-        msg: Message | None = None
+        end = self._pos = start + size
         with memoryview(self._buf) as view:
-            if sealer is None:
-                # The common calls and results decode in place (they copy what they keep).
-                with view[start : self._pos] as frame:
-                    msg = decode_common(frame)
+            if sealer is not None:
+                end -= MAC_SIZE
+                with view[start:end] as sealed:
+                    sealer.open(sealed, bytes(view[end : self._pos]))
+            # The common calls and results decode in place (they copy what they keep).
+            msg = decode_common(view, start, end)
             if msg is None:
                 # Copy the body out so buffers handed to pickle stay valid after compaction.
-                body = memoryview(bytes(view[start : self._pos]))
-        if msg is not None:
-            self._compact()
-            return msg
+                body = memoryview(bytes(view[start:end]))
         self._compact()
-        if sealer is not None:
-            sealer.open(body[:-MAC_SIZE], bytes(body[-MAC_SIZE:]))
-            body = body[:-MAC_SIZE]
+        if msg is not None:
+            return msg
         return decode_body(body)
 
     def _compact(self) -> None:
