@@ -12,6 +12,7 @@ killed and restarted at once therefore goes from gen ``g`` to ``g + 2``.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from offload.client.scheduler import (
     MAX_PREFETCH,
     SUBMIT_BATCH,
     Action,
+    CallEntry,
     Counts,
     KillCall,
     KillWorker,
@@ -1181,6 +1183,35 @@ def _shape(s: Scheduler) -> tuple[Any, ...]:
     )
 
 
+def scheduler_state(s: Scheduler) -> Any:
+    """What a submission may change, for comparing two schedulers."""
+    slots = [(x.state, x.gen, tuple(x.outstanding), x.sent) for x in s.slots]
+    calls = {c: (e.slot, e.started_at, e.deadline) for c, e in s.calls.items()}
+    return slots, calls, tuple(s.queue), sorted(s._deadlines), s.wakeup_changed
+
+
+def full_pass_submit(
+    s: Scheduler, call_id: int, timeout: float | None, retries: int, now: float
+) -> tuple[list[Action], Any]:
+    """What ``submit`` decides without its shortcut for a lone submission: on a copy,
+    the full scheduling pass every submission went through before the shortcut."""
+    copy = deepcopy(s)
+    copy.calls[call_id] = CallEntry(call_id, timeout, retries)
+    copy.queue.append(call_id)
+    if copy.any_failed:
+        copy.any_failed = False
+        for slot in copy.slots:
+            if slot.state is FAILED:
+                slot.state = EMPTY
+                slot.start_failures = 0
+        actions = copy._schedule(now, eager=False)
+    elif len(copy.queue) > 1 and len(copy.queue) % SUBMIT_BATCH:
+        actions = []
+    else:
+        actions = copy._schedule(now, eager=False)
+    return actions, scheduler_state(copy)
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random event sequences against a model of the driver, with invariants per step.
 
@@ -1471,7 +1502,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             call_id = self.next_id
             self.next_id += 1
             self.submitted[call_id] = (timeout, retries)
-            self.step(self.s.submit(call_id, timeout, retries, self.now), "submit")
+            reference = full_pass_submit(self.s, call_id, timeout, retries, self.now)
+            actions = self.s.submit(call_id, timeout, retries, self.now)
+            assert (actions, scheduler_state(self.s)) == reference, "fast path differs"
+            self.step(actions, "submit")
 
     @precondition(lambda self: not self.s.closed)
     @rule(calls=CALLS)

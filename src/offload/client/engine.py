@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -98,10 +97,10 @@ class CallRecord(CallEntry):
     fn: Any = None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # Relayed calls (a server passing a client's call on): the future gets the worker's
-    # Result message itself, never unpickled here; progress goes to this hook as is.
-    raw: bool = False
-    on_raw_progress: Callable[[p.Progress], Any] | None = None
+    # Relayed calls (a server passing a client's call on): the sink gets the worker's
+    # Result message itself, never unpickled here, or the error the call failed with;
+    # progress goes to it as is. The future stays pending (nobody waits on it).
+    sink: RawSink | None = None
     started: bool = False  # its future is RUNNING (it stays so when the call is requeued)
 
     def fields(self) -> CallFields:
@@ -118,7 +117,7 @@ class CallRecord(CallEntry):
         )
 
     def describe(self) -> str:
-        if self.raw:
+        if self.sink is not None:
             return self.target or "a relayed call"
         return describe_call(self.fn, self.args, self.kwargs)
 
@@ -169,6 +168,17 @@ class ExitInfo:
             stderr_tail=self.stderr_tail,
             worker=self.name,
         )
+
+
+class RawSink(Protocol):
+    """Where the outcome of relayed calls goes (see :meth:`Engine.submit_raw`)."""
+
+    def call_done(self, call_id: int, outcome: p.Result | BaseException) -> None:
+        """Call ``call_id`` ended: the worker's Result message, or the error it failed
+        with (an OffloadError; CancelledError when it was dropped unstarted)."""
+
+    def call_progress(self, msg: p.Progress) -> None:
+        """A progress report of one of the calls, as the worker sent it."""
 
 
 class SlotProcess(Protocol):
@@ -638,38 +648,37 @@ class Engine:
         self._schedule_new(record, wait=wait)
         return future
 
-    def submit_raw(
-        self,
-        call: p.Call,
-        *,
-        on_progress: Callable[[p.Progress], Any] | None = None,
-    ) -> Future[p.Result]:
-        """Run a call that is already pickled (a server relaying a client's call).
+    @staticmethod
+    def new_call_id() -> int:
+        """A fresh call id (for :meth:`submit_raw`)."""
+        return next(_call_ids)
 
-        Nothing is unpickled here: the future resolves with the worker's Result message,
-        or fails with an ExecutionError when the worker process failed.
+    def submit_raw(self, call_id: int, call: p.Call, sink: RawSink) -> None:
+        """Run a call that is already pickled (a server relaying a client's call) under
+        ``call_id`` (from :meth:`new_call_id`; the caller files it before the outcome can
+        arrive, which may be on another thread at once).
+
+        Nothing is unpickled here: ``sink.call_done`` gets the worker's Result message,
+        or the OffloadError the call failed with, on the thread that learned it; it must
+        be quick.
 
         Raises:
             RuntimeError: after shutdown.
         """
-        future: Future[p.Result] = Future()
-        call_id = next(_call_ids)
         record = CallRecord(
             call_id=call_id,
             timeout=call.timeout or None,
             retries=0,
-            future=future,
+            future=Future(),
             kind=call.kind,
             target=call.target,
             function=call.function,
             payload=call.payload,
             buffers=call.buffers,
             fn=call.target,
-            raw=True,
-            on_raw_progress=on_progress,
+            sink=sink,
         )
         self._schedule_new(record, wait=False)
-        return future
 
     def _schedule_new(self, record: CallRecord, *, wait: bool) -> None:
         """Hand a new call to the scheduler. With ``wait``, a call that goes to a
@@ -825,9 +834,8 @@ class Engine:
         record = self.records.get(msg.call_id)
         if record is None:
             return
-        if record.raw:
-            if record.on_raw_progress is not None:
-                record.on_raw_progress(msg)
+        if record.sink is not None:
+            record.sink.call_progress(msg)
             return
         try:
             value = loads(msg.payload, msg.buffers)
@@ -1038,11 +1046,19 @@ class Engine:
                 record = self.records.pop(res.call_id, None)
             if record is None:
                 continue
+            sink = record.sink
             if res.outcome is Outcome.CANCELLED:
-                concurrent.futures.Future.cancel(record.future)
+                if sink is not None:
+                    sink.call_done(res.call_id, concurrent.futures.CancelledError())
+                else:
+                    concurrent.futures.Future.cancel(record.future)
                 continue
             self.stats_failed += 1
-            record.future._resolve_exception(self._error_for(record, res), task_raised=False)
+            error = self._error_for(record, res)
+            if sink is not None:
+                sink.call_done(res.call_id, error)
+            else:
+                record.future._resolve_exception(error, task_raised=False)
 
     def _error_for(self, record: CallRecord, res: Resolve) -> OffloadError:
         call = record.describe()
@@ -1111,12 +1127,12 @@ class Engine:
         return proc.pid if proc is not None else None
 
     def _deliver(self, record: CallRecord, msg: p.Result, proc: SlotProcess) -> None:
+        if record.sink is not None:
+            self.stats_done += 1
+            record.sink.call_done(record.call_id, msg)
+            return
         future = record.future
         status = msg.status
-        if record.raw:
-            self.stats_done += 1
-            future._resolve_value(msg)
-            return
         if status == p.OK:
             try:
                 value = loads(msg.payload, msg.buffers)

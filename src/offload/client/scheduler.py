@@ -243,10 +243,25 @@ class Scheduler:
                 if slot.state is SlotState.FAILED:
                     slot.state = SlotState.EMPTY
                     slot.start_failures = 0
-        elif len(queue) > 1 and len(queue) % SUBMIT_BATCH:
-            # Calls are waiting already: the slots are full or have work enough, and
-            # the next result (or a full batch of submissions) decides where they go.
-            return []
+        elif len(queue) > 1:
+            if len(queue) % SUBMIT_BATCH:
+                # Calls are waiting already: the slots are full or have work enough, and
+                # the next result (or a full batch of submissions) decides where they go.
+                return []
+        elif not self.closed:
+            # Nothing else waits: the first idle slot takes it, which is what the full
+            # pass below would decide (an idle slot is the least loaded, and the pass
+            # that ran at the previous event already started and stopped processes).
+            for slot in self.slots:
+                if slot.state is SlotState.READY and not slot.outstanding:
+                    queue.pop()
+                    entry.slot = slot.index
+                    slot.outstanding.append(call_id)
+                    slot.sent += 1
+                    if self.max_tasks is not None and slot.sent >= self.max_tasks:
+                        slot.state = SlotState.RETIRING
+                    self._mark_running(slot, now)
+                    return [SendCalls(slot.index, slot.gen, (call_id,))]
         return self._schedule(now, eager=False)
 
     def cancel(self, call_id: int) -> bool:

@@ -43,6 +43,7 @@ from offload.protocol.messages import (
     StatusRequest,
     decode_body,
     encode_body,
+    with_call_id,
 )
 
 __all__ = [
@@ -83,4 +84,5 @@ __all__ = [
     "decode_body",
     "encode_body",
     "versions",
+    "with_call_id",
 ]

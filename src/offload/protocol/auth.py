@@ -19,9 +19,10 @@ a random nonce. Both nonces are fresh, so no proof can be replayed into another 
 The labels separate the two proofs (a reflected client proof is not a server proof).
 
 Session keys (one per direction) are derived from the token and both nonces. Without TLS,
-every later frame carries ``HMAC-SHA256(key, sequence number | body)`` (:class:`Sealer`),
-so injected, altered, reordered or replayed frames are rejected; with TLS the record
-layer already does this and the MAC is skipped.
+every later frame carries ``BLAKE2b-256(key=session key, sequence number | body)``
+(:class:`Sealer`; keyed BLAKE2b is a MAC by design, RFC 7693, and costs a third of an
+HMAC-SHA256 on a small frame), so injected, altered, reordered or replayed frames are
+rejected; with TLS the record layer already does this and the MAC is skipped.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import hashlib
 import hmac
 import os
 import struct
+from hashlib import blake2b
 
 from offload.errors import AuthenticationError, ProtocolError
 
 MAGIC = b"OFLD"
-AUTH_VERSION = 1
+AUTH_VERSION = 2  # 2: frames sealed with keyed BLAKE2b
 NONCE_SIZE = 32
 MAC_SIZE = 32
 MAX_PREAUTH_FRAME = 4096
@@ -44,6 +46,7 @@ _HELLO = struct.Struct(f"!4sH{NONCE_SIZE}s")  # client hello and challenge share
 _CLIENT_PROOF_LABEL = b"offload/v1/client-proof"
 _SERVER_PROOF_LABEL = b"offload/v1/server-proof"
 _SESSION_LABEL = b"offload/v1/session"
+_SEQ = struct.Struct("!Q")  # a frame's sequence number, as its MAC covers it
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
@@ -204,7 +207,7 @@ class Sealer:
 
     def seal(self, body_chunks: list[bytes | bytearray | memoryview]) -> bytes:
         """The MAC to append to the frame made of ``body_chunks``."""
-        mac = hmac.new(self._send_key, struct.pack("!Q", self._send_seq), hashlib.sha256)
+        mac = blake2b(_SEQ.pack(self._send_seq), key=self._send_key, digest_size=MAC_SIZE)
         for chunk in body_chunks:
             mac.update(chunk)
         self._send_seq += 1
@@ -217,7 +220,9 @@ class Sealer:
             ProtocolError: the MAC does not match (altered, injected, replayed or
                 reordered frame).
         """
-        expected = hmac.new(self._receive_key, struct.pack("!Q", self._receive_seq), hashlib.sha256)
+        expected = blake2b(
+            _SEQ.pack(self._receive_seq), key=self._receive_key, digest_size=MAC_SIZE
+        )
         expected.update(body)
         if not hmac.compare_digest(expected.digest(), mac):
             raise ProtocolError(

@@ -36,7 +36,7 @@ from offload.protocol.messages import (
     Message,
     decode_body,
     decode_common,
-    encode_body,
+    encode_generic,
     frame_call,
     frame_common,
     message_size,
@@ -162,10 +162,10 @@ class Connection:
     def send_call(self, fields: CallFields) -> list[bytes | bytearray | memoryview]:
         """``send(Call(...))`` from the Call's fields in wire order, without making the
         Call when it can."""
-        if self.sealer is None and self.state is not State.CLOSED:
+        if self.state is not State.CLOSED:
             whole = frame_call(fields)
             if whole is not None and len(whole) - HEADER.size <= self.max_message_size:
-                return [whole]
+                return [whole if self.sealer is None else self._sealed(whole)]
         call_id, kind, timeout, target, function, payload, buffers = fields
         return self.send(
             Call(
@@ -185,16 +185,15 @@ class Connection:
 
     def _frame(self, msg: Message) -> list[bytes | bytearray | memoryview]:
         sealer = self.sealer
-        if sealer is None:
-            whole = frame_common(msg)
-            if whole is not None:
-                if len(whole) - HEADER.size > self.max_message_size:
-                    raise ProtocolError(
-                        f"{type(msg).__name__} of {len(whole) - HEADER.size} bytes exceeds "
-                        f"max_message_size ({self.max_message_size})"
-                    )
-                return [whole]
-        chunks = encode_body(msg)
+        whole = frame_common(msg)
+        if whole is not None:
+            if len(whole) - HEADER.size > self.max_message_size:
+                raise ProtocolError(
+                    f"{type(msg).__name__} of {len(whole) - HEADER.size} bytes exceeds "
+                    f"max_message_size ({self.max_message_size})"
+                )
+            return [whole if sealer is None else self._sealed(whole)]
+        chunks = encode_generic(msg)
         if len(chunks) == 1 and isinstance(chunks[0], bytearray):
             size = len(chunks[0])
         else:
@@ -215,6 +214,14 @@ class Connection:
             chunks[0][0:0] = HEADER.pack(size)  # one contiguous write for small messages
             return chunks
         return [HEADER.pack(size), *chunks]
+
+    def _sealed(self, whole: bytes) -> bytes:
+        """The sealed form of an unsealed frame (its length then its body): the length
+        grows by the MAC, which follows the body."""
+        assert self.sealer is not None
+        with memoryview(whole) as view, view[HEADER.size :] as body:
+            mac = self.sealer.seal([body])
+            return b"".join((HEADER.pack(len(body) + MAC_SIZE), body, mac))
 
     # -- receiving -----------------------------------------------------------------------
 

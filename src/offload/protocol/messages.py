@@ -630,6 +630,21 @@ def _decode_result(buf: memoryview, start: int, end: int) -> Result | None:
     return msg
 
 
+def with_call_id(msg: Result, call_id: int) -> Result:
+    """A copy of ``msg`` under another call id (a server relaying a worker's result to
+    its client), made without the keyword checks of the constructor."""
+    copy = Result.__new__(Result)
+    _set(copy, "call_id", call_id)
+    _set(copy, "status", msg.status)
+    _set(copy, "elapsed", msg.elapsed)
+    _set(copy, "type_name", msg.type_name)
+    _set(copy, "message", msg.message)
+    _set(copy, "traceback", msg.traceback)
+    _set(copy, "payload", msg.payload)
+    _set(copy, "buffers", msg.buffers)
+    return copy
+
+
 def decode_common(body: memoryview, start: int = 0, end: int | None = None) -> Message | None:
     """Decode the frame body ``body[start:end]`` if it is a Call or Result of the common
     shape (no buffers); None otherwise, and then :func:`decode_body` decides. Keeps no

@@ -38,8 +38,7 @@ import time
 from typing import Any
 
 from offload import protocol as p
-from offload.client.engine import Engine
-from offload.client.future import Future
+from offload.client.engine import Engine, RawSink
 from offload.client.options import make_options
 from offload.errors import AuthenticationError, OffloadError, ProtocolError, WorkerKilled
 from offload.protocol.auth import check_token
@@ -285,12 +284,35 @@ class Server:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def run(self, call: p.Call, on_progress: Any) -> Future[p.Result]:
-        """Run a relayed call on this server's workers."""
+    @staticmethod
+    def new_call_id() -> int:
+        """A server-wide id for a relayed call (clients' own ids may collide)."""
+        return Engine.new_call_id()
+
+    def run(self, call_id: int, call: p.Call, sink: RawSink) -> None:
+        """Run a relayed call on this server's workers; its outcome goes to ``sink``.
+
+        Raises:
+            RuntimeError: the server is shutting down.
+        """
         if self._inline is not None:
-            return self._inline.submit(call)
+            self._inline.submit(call_id, call, sink)
+            return
         assert self._engine is not None
-        return self._engine.submit_raw(call, on_progress=on_progress)
+        self._engine.submit_raw(call_id, call, sink)
+
+    def kill(self, call_id: int) -> None:
+        """Kill a relayed call (its process, with its process group); dropped if queued."""
+        if self._engine is not None:
+            self._engine.kill_call(call_id)
+        elif self._inline is not None:
+            self._inline.cancel(call_id)  # a thread cannot be killed; only dropped unstarted
+
+    def cancel(self, call_id: int) -> bool:
+        """Drop a relayed call that has not started; False if it has."""
+        if self._engine is not None:
+            return self._engine.cancel(call_id)
+        return self._inline is not None and self._inline.cancel(call_id)
 
     def status(self) -> dict[str, Any]:
         """The JSON-able state reported by ``offload status``."""
@@ -320,7 +342,13 @@ class Server:
 
 
 class Session:
-    """One authenticated client connection."""
+    """One authenticated client connection.
+
+    Its calls go to the server's workers under server-wide ids (clients pick their own,
+    which may collide); :attr:`calls` maps the client's ids to those, and the outcome
+    of each comes back through :meth:`call_done` (the engine's
+    :class:`~offload.client.engine.RawSink`), usually on the I/O loop thread.
+    """
 
     def __init__(self, server: Server, sock: socket.socket, sealer: Any, leftover: bytes) -> None:
         self.server = server
@@ -336,9 +364,14 @@ class Session:
         self.channel.on_messages = self._on_messages
         self.channel.on_close = self._on_close
         self._leftover = leftover
-        self.calls: dict[int, Future[p.Result]] = {}
+        # client's call id -> server-wide id, and back. Each entry is added by the
+        # session's reader before the call is submitted and removed by call_done; a
+        # dict operation is atomic, so only drain waiters need the lock.
+        self.calls: dict[int, int] = {}
+        self._client_ids: dict[int, int] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._draining = False
         self.closed = False
 
     def start(self) -> None:
@@ -349,19 +382,18 @@ class Session:
 
     def _on_messages(self, msgs: list[p.Message]) -> None:
         for msg in msgs:
+            if type(msg) is p.Call:
+                self._run(msg)
+                continue
             match msg:
-                case p.Call():
-                    self._run(msg)
                 case p.Kill(call_id=call_id):
-                    with self._lock:
-                        fut = self.calls.get(call_id)
-                    if fut is not None:
-                        fut.kill()
+                    call = self.calls.get(call_id)
+                    if call is not None:
+                        self.server.kill(call)
                 case p.Cancel(call_id=call_id):
-                    with self._lock:
-                        fut = self.calls.get(call_id)
-                    if fut is not None:
-                        fut.cancel()
+                    call = self.calls.get(call_id)
+                    if call is not None and self.server.cancel(call):
+                        self.call_done(call, concurrent.futures.CancelledError())
                 case p.Ping(seq=seq):
                     self.channel.send(p.Pong(seq=seq))
                 case p.StatusRequest():
@@ -375,60 +407,52 @@ class Session:
                     self.close()
 
     def _run(self, call: p.Call) -> None:
+        server = self.server
+        call_id = server.new_call_id()
         client_id = call.call_id
+        self.calls[client_id] = call_id
+        self._client_ids[call_id] = client_id
+        try:
+            server.run(call_id, call, self)
+        except RuntimeError:  # stopping
+            self.call_done(call_id, OffloadError("the server is shutting down"))
 
-        def progress(msg: p.Progress) -> None:
+    def call_progress(self, msg: p.Progress) -> None:
+        """Relay a progress report of one of this session's calls."""
+        client_id = self._client_ids.get(msg.call_id)
+        if client_id is not None:
             self.channel.send(
                 p.Progress(call_id=client_id, payload=msg.payload, buffers=msg.buffers)
             )
 
+    def call_done(self, call_id: int, outcome: p.Result | BaseException) -> None:
+        """Relay the outcome of one of this session's calls to the client."""
+        client_id = self._client_ids.pop(call_id, None)
+        if client_id is None:
+            return  # reported already (a kill racing the result)
+        if self.calls.get(client_id) == call_id:
+            del self.calls[client_id]
+        if self._draining:
+            with self._idle:
+                self._idle.notify_all()
+        server = self.server
+        if isinstance(outcome, p.Result):
+            server.calls_served += 1
+            self.channel.send(p.with_call_id(outcome, client_id))
+            return
+        if isinstance(outcome, concurrent.futures.CancelledError):
+            outcome = WorkerKilled("the call was cancelled on the server")
+        server.calls_failed += 1
         try:
-            fut = self.server.run(call, progress)
-        except RuntimeError:  # stopping
-            self._send_error(client_id, OffloadError("the server is shutting down"))
-            return
-        with self._lock:
-            self.calls[client_id] = fut
-        fut.add_done_callback(lambda f: self._done(client_id, f))
-
-    def _done(self, client_id: int, fut: concurrent.futures.Future[p.Result]) -> None:
-        with self._lock:
-            self.calls.pop(client_id, None)
-            self._idle.notify_all()
-        if fut.cancelled():
-            self._send_error(client_id, WorkerKilled("the call was cancelled on the server"))
-            return
-        exc = fut.exception()
-        if exc is not None:
-            self.server.calls_failed += 1
-            self._send_error(client_id, exc)
-            return
-        msg = fut.result()
-        self.server.calls_served += 1
-        self.channel.send(
-            p.Result(
-                call_id=client_id,
-                status=msg.status,
-                elapsed=msg.elapsed,
-                type_name=msg.type_name,
-                message=msg.message,
-                traceback=msg.traceback,
-                payload=msg.payload,
-                buffers=msg.buffers,
-            )
-        )
-
-    def _send_error(self, client_id: int, exc: BaseException) -> None:
-        try:
-            data, buffers = dumps(exc)
+            data, buffers = dumps(outcome)
         except Exception:  # noqa: BLE001 - offload's own errors always pickle
-            data, buffers = dumps(OffloadError(str(exc)))
+            data, buffers = dumps(OffloadError(str(outcome)))
         self.channel.send(
             p.Result(
                 call_id=client_id,
                 status=p.FAILED,
-                type_name=type(exc).__name__,
-                message=str(exc),
+                type_name=type(outcome).__name__,
+                message=str(outcome),
                 payload=data,
                 buffers=tuple(buffers),
             )
@@ -438,24 +462,21 @@ class Session:
         if error is not None:
             log.info("offload: a client broke the protocol: %s", error)
         self.closed = True
-        with self._lock:
-            running = list(self.calls.values())
-        if running:
+        if self.calls:
             # The client may come back; its calls die only if it stays away.
             self.server.loop.call_later(self.server.disconnect_grace, self._kill_orphans)
         else:
             self.server._forget(self)
 
     def _kill_orphans(self) -> None:
-        with self._lock:
-            running = list(self.calls.values())
-        for fut in running:
-            fut.kill()
+        for call_id in list(self.calls.values()):
+            self.server.kill(call_id)
         self.server._forget(self)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait for this session's calls to finish; False if some still run."""
         deadline = time.monotonic() + timeout
+        self._draining = True
         with self._idle:
             while self.calls:
                 remaining = deadline - time.monotonic()
@@ -474,30 +495,34 @@ class _InlineRunner:
     """``isolation="inline"``: calls run on threads of the server process itself."""
 
     def __init__(self, workers: int) -> None:
-        import concurrent.futures
-
         from offload.worker.runtime import Runtime
 
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="offload-inline"
         )
         self._runtime = Runtime({"fd": -1, "name": "inline", "concurrency": workers})
+        self._queued: dict[int, concurrent.futures.Future[None]] = {}
         self.busy = 0
 
-    def submit(self, call: p.Call) -> Future[p.Result]:
-        fut: Future[p.Result] = Future()
-        fut.set_running_or_notify_cancel()
-
+    def submit(self, call_id: int, call: p.Call, sink: RawSink) -> None:
         def run() -> None:
+            self._queued.pop(call_id, None)
             self.busy += 1
             try:
                 result = self._runtime.timed_run(call)
             finally:
                 self.busy -= 1
-            fut._resolve_value(result)
+            sink.call_done(call_id, result)
 
-        self._pool.submit(run)
-        return fut
+        fut = self._pool.submit(run)
+        self._queued[call_id] = fut
+        if fut.running() or fut.done():  # it started before it was filed
+            self._queued.pop(call_id, None)
+
+    def cancel(self, call_id: int) -> bool:
+        """Drop a call that has not started; False if it has."""
+        fut = self._queued.pop(call_id, None)
+        return fut is not None and fut.cancel()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
