@@ -10,7 +10,9 @@ Two measurements: the round trip of ``abs(-1)`` through ``offload.connect`` (TCP
 TLS), against the same call to a local ``offload.spawn()`` worker and to Pyro5 and rpyc
 servers on the same loopback (those run the call in the server process itself; offload's
 server hands it to one of its worker processes: one more hop, so a third server with
-``--isolation inline`` shows offload on the same footing); and the throughput of
+``--isolation inline`` shows offload on the same footing, and a fourth with
+``--busy-poll 0`` shows the server sleeping between messages instead of polling for a
+moment after traffic, its default); and the throughput of
 ``offload.Pool(hosts=[address])`` over many tiny calls submitted at once.
 """
 
@@ -37,6 +39,7 @@ LOCAL = "offload local (spawn)"
 CONNECT = "offload connect"
 CONNECT_TLS = "offload connect (TLS)"
 CONNECT_INLINE = "offload connect, --isolation inline"
+CONNECT_NO_POLL = "offload connect, --busy-poll 0"
 LOCAL_POOL = "offload Pool(workers=2), local"
 HOSTS_POOL = "offload Pool(hosts=[server])"
 HOSTS_POOL_TLS = "offload Pool(hosts=[server]), TLS"
@@ -282,6 +285,9 @@ def run(
             inline = _start(
                 servers, "offload serve (inline)", [*serve, "--isolation", "inline"], _SERVING, tmp
             )
+            no_poll = _start(
+                servers, "offload serve (no busy poll)", [*serve, "--busy-poll", "0"], _SERVING, tmp
+            )
             tls: Any = None
             tls_server: _Server | BaseException
             try:
@@ -310,6 +316,7 @@ def run(
                     (CONNECT, _connect(tcp, token, None)),
                     (CONNECT_TLS, _connect(tls_server, token, tls)),
                     (CONNECT_INLINE, _connect(inline, token, None)),
+                    (CONNECT_NO_POLL, _connect(no_poll, token, None)),
                     ("Pyro5", _pyro5(rpc["pyro5"])),
                     ("rpyc", _rpyc(rpc["rpyc"])),
                 ],
@@ -320,6 +327,8 @@ def run(
             for row in round_trip:
                 if row.system in ("Pyro5", "rpyc", CONNECT_INLINE) and row.samples:
                     row.note = IN_SERVER
+                if row.system == CONNECT_NO_POLL and row.samples:
+                    row.note = "the server sleeps between messages"
             throughput = run_submit(
                 pool_calls,
                 reps,

@@ -922,6 +922,28 @@ def test_ping_and_status(serve: ServeFactory, token_file: Path) -> None:
     server.stop(expect=0)
 
 
+def test_busy_polling_stops_when_the_server_goes_idle(serve: ServeFactory, token: str) -> None:
+    """After traffic the server polls for a moment before it sleeps (``--busy-poll``);
+    once idle it must use next to no CPU."""
+    server = serve("127.0.0.1:0", "--busy-poll", "0.05")
+    proc = psutil.Process(server.pid)
+    with offload.connect(server.address, token=token) as w:
+        for _ in range(50):
+            assert w.call(abs, -1) == 1
+        before = sum(proc.cpu_times()[:2])
+        threading.Event().wait(1.0)  # an idle second is what this test observes
+        used = sum(proc.cpu_times()[:2]) - before
+    assert used < 0.3, f"an idle server used {used:.2f} s of CPU in 1 s"
+    server.stop(expect=0)
+
+
+def test_busy_poll_must_not_be_negative(token: str) -> None:
+    from offload.server.server import Server
+
+    with pytest.raises(ValueError, match="busy_poll"):
+        Server("127.0.0.1:0", token=token.encode(), busy_poll=-1.0)
+
+
 def test_wrong_token_is_refused(serve: ServeFactory, tmp_path: Path) -> None:
     server = serve()
     wrong = tmp_path / "wrong-token"

@@ -648,6 +648,12 @@ class Engine:
         self._schedule_new(record, wait=wait)
         return future
 
+    @property
+    def in_flight(self) -> int:
+        """Calls submitted and not resolved yet (queued or on a worker); a lock-free
+        reading, for heuristics."""
+        return len(self.records)
+
     @staticmethod
     def new_call_id() -> int:
         """A fresh call id (for :meth:`submit_raw`)."""

@@ -56,6 +56,7 @@ from offload.transport.net import (
 
 log = logging.getLogger("offload")
 ISOLATIONS = ("pool", "process", "inline")
+BUSY_POLL = 0.0002  # seconds (see Server.busy_poll_budget)
 
 
 class Server:
@@ -73,6 +74,8 @@ class Server:
         max_unauthenticated: connections in their handshake at once.
         handshake_timeout: seconds a connection has to authenticate.
         disconnect_grace: seconds before a vanished client's calls are killed.
+        busy_poll: seconds the I/O loop keeps polling after traffic before it sleeps,
+            while a worker is idle (0 turns it off); see :meth:`busy_poll_budget`.
         worker_options: further worker options for the child processes.
 
     Raises:
@@ -92,6 +95,7 @@ class Server:
         max_unauthenticated: int = 128,
         handshake_timeout: float = 10.0,
         disconnect_grace: float = 5.0,
+        busy_poll: float = BUSY_POLL,
         worker_options: dict[str, Any] | None = None,
     ) -> None:
         self.address: Address = parse_address(listen)
@@ -107,6 +111,9 @@ class Server:
         self.max_unauthenticated = max_unauthenticated
         self.handshake_timeout = handshake_timeout
         self.disconnect_grace = disconnect_grace
+        if busy_poll < 0:
+            raise ValueError("busy_poll must be >= 0 seconds")
+        self.busy_poll = busy_poll
         self.loop = get_loop()
         options = dict(worker_options or {})
         options.setdefault("preload", preload)
@@ -153,6 +160,8 @@ class Server:
                 options, self.workers, keep_warm=True, label="offload-server", names=names
             )
             self._engine.start()
+        if self.busy_poll > 0 and self._engine is not None and self._ssl is None:
+            self.loop.busy_poll = self.busy_poll_budget
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="offload-server-accept", daemon=True
         )
@@ -172,6 +181,8 @@ class Server:
             True if every call finished by itself, False if some had to be killed.
         """
         self._stopping.set()
+        if self.loop.busy_poll == self.busy_poll_budget:
+            self.loop.busy_poll = None
         if self._listener is not None:
             if self.address.is_unix:
                 try:
@@ -313,6 +324,22 @@ class Server:
         if self._engine is not None:
             return self._engine.cancel(call_id)
         return self._inline is not None and self._inline.cancel(call_id)
+
+    def busy_poll_budget(self) -> float:
+        """How long the I/O loop polls before it sleeps (its
+        :attr:`~offload.transport.loop.Loop.busy_poll` hook).
+
+        A relayed call wakes this process twice (the call, then its result), and a
+        client's next call comes soon after a result. Polling instead of sleeping for a
+        moment after traffic saves those wake-ups, on a CPU that is idle anyway: only
+        while a worker is idle (a busy worker needs its CPU), never while a handshake
+        thread runs (it would wait for the interpreter lock), and never with TLS (each
+        TLS connection is read on a thread of its own) or ``inline`` isolation.
+        """
+        engine = self._engine
+        if engine is None or self._pending or engine.in_flight >= self.workers:
+            return 0.0
+        return self.busy_poll
 
     def status(self) -> dict[str, Any]:
         """The JSON-able state reported by ``offload status``."""

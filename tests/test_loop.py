@@ -1,0 +1,90 @@
+"""The I/O loop's busy polling (``offload.transport.loop.Loop.busy_poll``).
+
+The process-wide loop is used (a second loop would be a thread that never ends); each
+test sets the hook and takes it away again.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from offload.transport.loop import Loop, get_loop
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    loop = get_loop()
+    yield loop
+    loop.busy_poll = None
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_busy_polling_loop_still_serves_readers_and_timers(
+    loop: Loop, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    asked = threading.Event()
+    got: list[bytes] = []
+    readable = threading.Event()
+    timer_ran = threading.Event()
+
+    def budget() -> float:
+        asked.set()
+        return 0.05  # far longer than any poll here: the events must cut it short
+
+    def on_readable() -> None:
+        got.append(pair[1].recv(100))
+        readable.set()
+
+    loop.add_reader(pair[1].fileno(), on_readable)
+    try:
+        loop.busy_poll = budget
+        loop.call_soon(lambda: None)  # the loop asks the hook before its next wait
+        assert asked.wait(WAIT)
+        pair[0].send(b"ping")
+        assert readable.wait(WAIT)
+        assert got == [b"ping"]
+        loop.call_later(0.01, timer_ran.set)
+        assert timer_ran.wait(WAIT)
+        done = threading.Event()
+        loop.call_soon(done.set)  # from another thread, while the loop polls
+        assert done.wait(WAIT)
+    finally:
+        loop.remove_reader(pair[1].fileno())
+
+
+def test_a_zero_budget_means_the_loop_blocks_as_usual(
+    loop: Loop, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    calls = 0
+    readable = threading.Event()
+
+    def budget() -> float:
+        nonlocal calls
+        calls += 1
+        return 0.0
+
+    def on_readable() -> None:
+        pair[1].recv(100)
+        readable.set()
+
+    loop.add_reader(pair[1].fileno(), on_readable)
+    try:
+        loop.busy_poll = budget
+        pair[0].send(b"x")
+        assert readable.wait(WAIT)
+        assert calls >= 1
+    finally:
+        loop.remove_reader(pair[1].fileno())
