@@ -410,6 +410,26 @@ def test_connect_kill_kills_the_call_on_the_server(
     server.stop(expect=0)
 
 
+def test_inline_server_kills_a_call_still_waiting_for_a_thread(
+    serve: ServeFactory, token: str, tmp_path: Path
+) -> None:
+    """With ``--isolation inline`` a call that waits for the server's only thread can be
+    killed (a running one cannot); the server then forgets it and drains cleanly."""
+    server = serve("127.0.0.1:0", "--isolation", "inline", "--drain-timeout", "5", workers=1)
+    release = tmp_path / "release"
+    with offload.connect(server.address, token=token) as w, released(release):
+        first = w.submit(rt.hold, str(tmp_path / "pid"), str(release))
+        assert read_pid(tmp_path / "pid") == server.pid  # it holds the only thread
+        second = w.submit(rt.add, 1, 2)  # sent ahead to the server, where it waits
+        assert second.kill() is True
+        with pytest.raises(offload.WorkerKilled):
+            second.result(WAIT)
+        release.touch()
+        assert first.result(WAIT) == server.pid
+        assert w.call(rt.add, 2, 3) == 5
+    assert server.stop(expect=0) == 0  # no call left behind to wait for at the drain
+
+
 def test_connect_per_call_timeout(serve: ServeFactory, token: str, tmp_path: Path) -> None:
     server = serve()
     release = tmp_path / "release"

@@ -317,7 +317,7 @@ class Server:
         if self._engine is not None:
             self._engine.kill_call(call_id)
         elif self._inline is not None:
-            self._inline.cancel(call_id)  # a thread cannot be killed; only dropped unstarted
+            self._inline.kill(call_id)
 
     def cancel(self, call_id: int) -> bool:
         """Drop a relayed call that has not started; False if it has."""
@@ -458,7 +458,7 @@ class Session:
         if client_id is None:
             return  # reported already (a kill racing the result)
         if self.calls.get(client_id) == call_id:
-            del self.calls[client_id]
+            self.calls.pop(client_id, None)
         if self._draining:
             with self._idle:
                 self._idle.notify_all()
@@ -528,7 +528,7 @@ class _InlineRunner:
             workers, thread_name_prefix="offload-inline"
         )
         self._runtime = Runtime({"fd": -1, "name": "inline", "concurrency": workers})
-        self._queued: dict[int, concurrent.futures.Future[None]] = {}
+        self._queued: dict[int, tuple[concurrent.futures.Future[None], RawSink]] = {}
         self.busy = 0
 
     def submit(self, call_id: int, call: p.Call, sink: RawSink) -> None:
@@ -542,14 +542,21 @@ class _InlineRunner:
             sink.call_done(call_id, result)
 
         fut = self._pool.submit(run)
-        self._queued[call_id] = fut
+        self._queued[call_id] = (fut, sink)
         if fut.running() or fut.done():  # it started before it was filed
             self._queued.pop(call_id, None)
 
     def cancel(self, call_id: int) -> bool:
         """Drop a call that has not started; False if it has."""
-        fut = self._queued.pop(call_id, None)
-        return fut is not None and fut.cancel()
+        queued = self._queued.pop(call_id, None)
+        return queued is not None and queued[0].cancel()
+
+    def kill(self, call_id: int) -> None:
+        """Drop a call that has not started, which then fails with WorkerKilled (a
+        thread cannot be killed: a running call runs on)."""
+        queued = self._queued.get(call_id)
+        if queued is not None and self.cancel(call_id):
+            queued[1].call_done(call_id, WorkerKilled("the call was killed before it started"))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
