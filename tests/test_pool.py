@@ -541,6 +541,33 @@ def test_map_explicit_chunksize(pools: Callable[..., offload.Pool]) -> None:
         pool.map(ph.square, range(3), chunksize=0)
 
 
+def test_map_automatic_chunks_grow_and_stay_a_share_of_a_known_input(
+    pools: Callable[..., offload.Pool],
+) -> None:
+    """chunksize=None: chunks start small, grow while they finish fast, and never exceed
+    a sixteenth of each worker's share of an input of known length (so the workers end
+    together). The chunks are seen as the calls the pool submits, in this process."""
+    pool = pools(2)
+    total = 64_000
+    sizes: list[int] = []
+    engine = pool._engine
+    submit = engine.submit
+
+    def recording_submit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], **kw: Any) -> Any:
+        sizes.append(len(args[1]))  # run_chunk's arguments: (fn, chunk, star)
+        return submit(fn, args, kwargs, **kw)
+
+    engine.submit = recording_submit  # type: ignore[method-assign]
+    try:
+        assert list(pool.map(abs, range(-total, 0))) == list(range(total, 0, -1))
+    finally:
+        del engine.submit
+    assert sum(sizes) == total
+    assert sizes[0] <= 64
+    assert max(sizes) <= total // (16 * 2)
+    assert max(sizes) > sizes[0], f"chunks never grew: {sizes}"
+
+
 def test_asyncio_await_and_run_in_executor(pools: Callable[..., offload.Pool]) -> None:
     pool = pools(2)
 

@@ -344,11 +344,17 @@ class _MapRun:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.fixed = chunksize
         # Automatic chunks start small (a call may be long) unless the input is known to
-        # be large, and grow fourfold while they finish quickly.
+        # be large, and grow fourfold while they finish quickly. When the length of the
+        # input is known, a chunk is at most a sixteenth of each worker's share of it, so
+        # that the last chunks end close together (no worker runs a large last chunk
+        # while the others wait).
         workers = max(1, pool._workers)
         self.size = chunksize or (
             max(1, min(64, total // (workers * 64))) if total is not None else 1
         )
+        self.max_size = _MAX_CHUNK
+        if total is not None:
+            self.max_size = max(self.size, min(_MAX_CHUNK, total // (16 * workers)))
         self.call_timeout = call_timeout
         self.retries = retries
         self.ordered = ordered
@@ -396,8 +402,8 @@ class _MapRun:
         if self.fixed is not None:
             return
         took = time.monotonic() - started
-        if took < _CHUNK_TARGET and self.size < _MAX_CHUNK:
-            self.size = min(_MAX_CHUNK, self.size * 4)
+        if took < _CHUNK_TARGET and self.size < self.max_size:
+            self.size = min(self.max_size, self.size * 4)
         elif took > 4 * _CHUNK_TARGET and self.size > 1:
             self.size = max(1, self.size // 2)
 
