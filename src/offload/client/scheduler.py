@@ -257,9 +257,7 @@ class Scheduler:
                     queue.pop()
                     entry.slot = slot.index
                     slot.outstanding.append(call_id)
-                    slot.sent += 1
-                    if self.max_tasks is not None and slot.sent >= self.max_tasks:
-                        slot.state = SlotState.RETIRING
+                    self._count_sent(slot, 1)
                     self._mark_running(slot, now)
                     return [SendCalls(slot.index, slot.gen, (call_id,))]
         return self._schedule(now, eager=False)
@@ -511,6 +509,12 @@ class Scheduler:
         slot.outstanding.clear()
         return StartWorker(slot.index, slot.gen)
 
+    def _count_sent(self, slot: Slot, count: int) -> None:
+        """``count`` more calls went to ``slot``; it retires once it has had max_tasks."""
+        slot.sent += count
+        if self.max_tasks is not None and slot.sent >= self.max_tasks:
+            slot.state = SlotState.RETIRING
+
     def _mark_running(self, slot: Slot, now: float) -> None:
         for i, call_id in enumerate(slot.outstanding):
             if i >= slot.capacity:
@@ -687,9 +691,7 @@ class Scheduler:
                 calls[call_id].slot = index
                 outstanding.append(call_id)
                 batch.append(call_id)
-            best.sent += take
-            if self.max_tasks is not None and best.sent >= self.max_tasks:
-                best.state = SlotState.RETIRING
+            self._count_sent(best, take)
         for index, call_ids in sends.items():
             slot = self.slots[index]
             self._mark_running(slot, now)
