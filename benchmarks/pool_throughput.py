@@ -8,7 +8,9 @@ then measured at the best). Calls with a chunk size below 100 go over a tenth of
 items (their cost is per item; the full run would take minutes).
 
 Contenders run one at a time: each pool is started, warmed up, measured and shut down
-before the next one starts, so no idle pool's threads compete with the one measured. A
+before the next one starts, so no idle pool's threads compete with the one measured.
+The runs go in rounds (each contender started, measured once and closed per round), so
+that a machine whose speed drifts during the run moves every contender's samples alike. A
 sample is the run's time divided by its number of calls (items); the table shows its
 inverse, calls (items) per second.
 """
@@ -234,41 +236,60 @@ def run_submit(
     limit: float,
     factories: list[tuple[str, Callable[[], Submitter]]] = SUBMITTERS,
 ) -> list[Row]:
-    """``reps`` runs of ``calls`` tiny calls per contender, after a warm-up run."""
+    """``reps`` runs of ``calls`` tiny calls per contender, each after a warm-up run, in
+    rounds (see :func:`_in_rounds`)."""
 
-    def measure(c: Submitter) -> None:
-        warm = min(calls, 1000)
+    def measure_once(c: Submitter) -> None:
+        warm = min(calls, 5000)  # a fresh pool: its processes' first calls are slower
         _check(c.run(warm, limit), warm)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            results = c.run(calls, limit)
-            t1 = time.perf_counter()
-            _check(results, calls)
-            c.samples.append((t1 - t0) / calls)
+        t0 = time.perf_counter()
+        results = c.run(calls, limit)
+        t1 = time.perf_counter()
+        _check(results, calls)
+        c.samples.append((t1 - t0) / calls)
 
-    return _each_alone(factories, measure)
+    return _in_rounds(factories, reps, measure_once)
 
 
-def _each_alone(factories: Sequence[tuple[str, Callable[[], Any]]], measure: Any) -> list[Row]:
-    """Start each contender, ``measure`` it, close it, then go on to the next: only one
-    pool lives at a time, so no idle pool's threads compete for the GIL with the one
-    measured (and offload's pools, which share one I/O thread per process, don't share
-    it here). Rows in the order of ``factories``."""
+def _in_rounds(
+    factories: Sequence[tuple[str, Callable[[], Any]]], rounds: int, measure_once: Any
+) -> list[Row]:
+    """``rounds`` rounds; in each, every contender in turn is started, measured once
+    (``measure_once`` adds one sample) and closed. Only one pool lives at a time, so no
+    idle pool's threads compete for the GIL with the one measured (and offload's pools,
+    which share one I/O thread per process, don't share it here); and every contender's
+    samples span the whole run, so a machine that slows down or speeds up halfway
+    through shifts all of them alike instead of the ratios. A contender that fails is
+    left out of the later rounds. Rows in the order of ``factories``."""
+    made: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, factory in factories:
+            if name in notes:
+                continue  # could not start, or failed in an earlier round
+            c, note = attempt(factory)
+            if c is None:
+                notes[name] = note
+                continue
+            c.name = name
+            if name in made:  # what the earlier rounds found out
+                c.__dict__.update(made[name].__dict__ | {"run": c.run, "close": c.close})
+            made[name] = c
+            try:
+                measure_once(c)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                print(f"benchmarks: {name}: {exc!r}", file=sys.stderr)
+                c.error = failure(exc)
+                notes[name] = c.error
+            finally:
+                _close_all([c])
     rows: dict[str, Row] = {}
-    for name, factory in factories:
-        c, note = attempt(factory)
-        if c is None:
-            rows[name] = Row(name, None, note=note)
-            continue
-        c.name = name
-        try:
-            measure(c)
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            print(f"benchmarks: {name}: {exc!r}", file=sys.stderr)
-            c.error = failure(exc)
-        finally:
-            _close_all([c])
-        rows[name] = Row(name, None if c.error else c.samples or None, note=c.error or c.note)
+    for name, _ in factories:
+        c = made.get(name)
+        if c is None or c.error:
+            rows[name] = Row(name, None, note=notes.get(name, ""))
+        else:
+            rows[name] = Row(name, c.samples or None, note=c.note)
     return [rows[name] for name, _ in factories]
 
 
@@ -426,19 +447,21 @@ def _map_once(m: Mapper, items: list[int], chunksize: int | None, limit: float) 
 
 
 def run_map(items: int, reps: int, chunksizes: Sequence[int], limit: float) -> list[Row]:
-    """Per contender: the chunk-size sweep (once each), then ``reps`` runs at the best."""
+    """``reps`` runs per contender, in rounds (see :func:`_in_rounds`), each after an
+    untimed one; in the first, each peer's chunk-size sweep (once each) is that one."""
     data = list(range(-items // 2, items - items // 2))
 
-    def measure(m: Mapper) -> None:
+    def measure_once(m: Mapper) -> None:
         _map_once(m, data[: min(items, 2000)], 100 if m.sweep else None, limit)
-        if m.sweep:
+        if m.best is not None or not m.sweep:
+            _map_once(m, data, m.best, limit)  # a fresh pool: a first full run, untimed
+        else:
             for size in chunksizes:
                 part = data if size >= SMALL_CHUNK else data[: max(1, items // 10)]
                 m.tried[size] = _map_once(m, part, size, limit)
             m.best = min(m.tried, key=lambda size: m.tried[size])
             tried = ", ".join(f"{size}: {_rate(s)}" for size, s in m.tried.items())
             m.note = "; ".join(x for x in (m.note, f"chunksize={m.best} (tried {tried} /s)") if x)
-        for _ in range(reps):
-            m.samples.append(_map_once(m, data, m.best, limit))
+        m.samples.append(_map_once(m, data, m.best, limit))
 
-    return _each_alone(MAPPERS, measure)
+    return _in_rounds(MAPPERS, reps, measure_once)
