@@ -440,6 +440,26 @@ def test_map_raises_at_the_failing_item(
     assert list(pool.map(ph.square, range(3))) == [0, 1, 4]
 
 
+@pytest.mark.parametrize("kind", [list, tuple])
+@pytest.mark.parametrize("chunksize", [7, None])
+def test_map_over_a_list_or_tuple(
+    pools: Callable[..., offload.Pool], kind: type, chunksize: int | None
+) -> None:
+    """A list or tuple is read in slices, not item by item: every item once, in order,
+    the last short slice included, and a failure still raises at its own item."""
+    pool = pools(2)
+    items = kind(range(100))
+    assert list(pool.map(ph.square, items, chunksize=chunksize)) == [i * i for i in range(100)]
+    assert sorted(pool.imap_unordered(ph.square, items, chunksize=chunksize)) == [
+        i * i for i in range(100)
+    ]
+    results = pool.map(functools.partial(ph.fail_at, bad=40), items, chunksize=chunksize)
+    assert [next(results) for _ in range(40)] == [i * i for i in range(40)]
+    with pytest.raises(ValueError, match="bad item 40"):
+        next(results)
+    assert list(pool.map(ph.square, kind())) == []
+
+
 def test_imap_unordered(pools: Callable[..., offload.Pool], tmp_path: Path) -> None:
     pool = pools(2)
     wait_ready(pool, 2)

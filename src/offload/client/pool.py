@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -135,8 +135,9 @@ class Pool(Submitter, concurrent.futures.Executor):
         Raises:
             the first failed item's exception, when iteration reaches it.
         """
+        items: Iterator[Any] | list[Any] | tuple[Any, ...]
         if len(iterables) == 1:  # items travel bare, not as 1-tuples
-            items: Iterator[Any] = iter(iterables[0])
+            items = _items(iterables[0])
             star = False
         else:
             items, star = zip(*iterables, strict=False), True
@@ -162,7 +163,7 @@ class Pool(Submitter, concurrent.futures.Executor):
         """Like :meth:`map` with one iterable, but yield results as they finish."""
         return self._map(
             fn,
-            iter(iterable),
+            _items(iterable),
             None,
             chunksize,
             progress,
@@ -174,7 +175,7 @@ class Pool(Submitter, concurrent.futures.Executor):
     def _map(
         self,
         fn: Callable[..., T],
-        items: Iterator[Any],
+        items: Iterator[Any] | list[Any] | tuple[Any, ...],
         timeout: float | None,
         chunksize: int | None,
         progress: bool,
@@ -293,6 +294,15 @@ class Pool(Submitter, concurrent.futures.Executor):
         )
 
 
+def _items(iterable: Iterable[Any]) -> Iterator[Any] | list[Any] | tuple[Any, ...]:
+    """What a map reads its items from: a list or tuple itself (its chunks are slices,
+    several times cheaper than collecting an iterator's items one by one), else an
+    iterator over ``iterable``."""
+    if type(iterable) is list or type(iterable) is tuple:
+        return iterable
+    return iter(iterable)
+
+
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
     lengths = []
     for it in iterables:
@@ -326,7 +336,7 @@ class _MapRun:
         self,
         pool: Pool,
         fn: Any,
-        items: Iterator[Any],
+        items: Iterator[Any] | list[Any] | tuple[Any, ...],
         *,
         timeout: float | None,
         chunksize: int | None,
@@ -340,7 +350,14 @@ class _MapRun:
         self.pool = pool
         self.star = star  # items are argument tuples (several iterables) or single values
         self.fn = fn
-        self.items = items
+        # A list or tuple is read by slicing (at self.pos), anything else through islice.
+        self.sequence: list[Any] | tuple[Any, ...] | None = None
+        self.items: Iterator[Any] = iter(())
+        if isinstance(items, (list, tuple)):
+            self.sequence = items
+        else:
+            self.items = items
+        self.pos = 0
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.fixed = chunksize
         # Automatic chunks start small (a call may be long) unless the input is known to
@@ -374,7 +391,11 @@ class _MapRun:
             and len(self.inflight) < self.window
             and (len(self.inflight) < 2 or self.inflight_items < _MAX_INFLIGHT_ITEMS)
         ):
-            chunk = list(itertools.islice(self.items, self.size))
+            if self.sequence is not None:
+                chunk: Sequence[Any] = self.sequence[self.pos : self.pos + self.size]
+                self.pos += len(chunk)
+            else:
+                chunk = list(itertools.islice(self.items, self.size))
             if not chunk:
                 self.exhausted = True
                 return
