@@ -561,31 +561,64 @@ def test_map_explicit_chunksize(pools: Callable[..., offload.Pool]) -> None:
         pool.map(ph.square, range(3), chunksize=0)
 
 
+def _record_chunks(pool: offload.Pool) -> list[list[int]]:
+    """Make ``pool`` record the size of each chunk it submits (the calls it makes, seen
+    in this process) into the last list of the returned list: append an empty list
+    before each map. The patch lives on this pool's engine only."""
+    maps: list[list[int]] = []
+    engine = pool._engine
+    submit = engine.submit
+
+    def recording_submit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], **kw: Any) -> Any:
+        maps[-1].append(len(args[1]))  # run_chunk's arguments: (fn, chunk, star)
+        return submit(fn, args, kwargs, **kw)
+
+    engine.submit = recording_submit  # type: ignore[method-assign]
+    return maps
+
+
 def test_map_automatic_chunks_grow_and_stay_a_share_of_a_known_input(
     pools: Callable[..., offload.Pool],
 ) -> None:
     """chunksize=None: chunks start small, grow while they finish fast, and never exceed
     a sixteenth of each worker's share of an input of known length (so the workers end
-    together). The chunks are seen as the calls the pool submits, in this process."""
+    together)."""
     pool = pools(2)
+    maps = _record_chunks(pool)
     total = 64_000
-    sizes: list[int] = []
-    engine = pool._engine
-    submit = engine.submit
-
-    def recording_submit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], **kw: Any) -> Any:
-        sizes.append(len(args[1]))  # run_chunk's arguments: (fn, chunk, star)
-        return submit(fn, args, kwargs, **kw)
-
-    engine.submit = recording_submit  # type: ignore[method-assign]
-    try:
-        assert list(pool.map(abs, range(-total, 0))) == list(range(total, 0, -1))
-    finally:
-        del engine.submit
+    maps.append([])
+    assert list(pool.map(abs, range(-total, 0))) == list(range(total, 0, -1))
+    sizes = maps[0]
     assert sum(sizes) == total
     assert sizes[0] <= 64
     assert max(sizes) <= total // (16 * 2)
     assert max(sizes) > sizes[0], f"chunks never grew: {sizes}"
+
+
+def test_map_starts_at_the_chunk_size_an_earlier_map_of_the_function_ended_with(
+    pools: Callable[..., offload.Pool],
+) -> None:
+    """A second automatic map of a module-level function starts with the chunk size the
+    first one grew to (still within the share of its own input); a lambda, whose name
+    says nothing, and an explicit chunksize start from scratch."""
+    pool = pools(2)
+    maps = _record_chunks(pool)
+    total = 64_000
+    for fn in (ph.square, ph.square, lambda x: x * x, lambda x: x * x):
+        maps.append([])
+        assert list(pool.map(fn, range(total))) == [i * i for i in range(total)]
+    first, second, lambda_1, lambda_2 = maps
+    assert first[0] <= 64 and max(first) > 64
+    assert 64 < second[0] <= max(first), (first[:12], second[:12])
+    assert sum(second) == total and max(second) <= total // (16 * 2)
+    assert lambda_1[0] <= 64 and lambda_2[0] <= 64
+    # A small input: the learned size is capped by its own share.
+    maps.append([])
+    assert list(pool.map(ph.square, range(640))) == [i * i for i in range(640)]
+    assert max(maps[-1]) <= 640 // 32, maps[-1]
+    maps.append([])
+    assert len(list(pool.map(ph.square, range(1000), chunksize=10))) == 1000
+    assert set(maps[-1]) == {10}
 
 
 def test_asyncio_await_and_run_in_executor(pools: Callable[..., offload.Pool]) -> None:

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ _pool_ids = itertools.count(1)
 # enough that the last chunks still spread over every worker.
 _CHUNK_TARGET = 0.01
 _MAX_CHUNK = 16384
+# Chunk sizes learned per function (by its qualified name), at most this many.
+_MAX_LEARNED = 256
 # At most this many items are read ahead of the results (bounded memory on huge inputs).
 _MAX_INFLIGHT_ITEMS = 4 * _MAX_CHUNK
 
@@ -109,6 +112,10 @@ class Pool(Submitter, concurrent.futures.Executor):
             names=names,
             remotes={workers + i: t for i, t in enumerate(targets)},
         )
+        # The chunk size each automatic map ended with, by function (its qualified name,
+        # which keeps nothing alive): the next map of that function starts there instead
+        # of growing again from small chunks.
+        self._chunk_sizes: dict[str, int] = {}
         self._engine.start()
 
     # -- submitting (submit() comes from Submitter) ---------------------------------
@@ -129,7 +136,9 @@ class Pool(Submitter, concurrent.futures.Executor):
         Args:
             timeout: seconds from this call; a result not ready by then raises
                 ``TimeoutError`` (the calls go on).
-            chunksize: items per call; None sizes chunks automatically.
+            chunksize: items per call; None sizes chunks automatically: they start
+                small and grow while they finish quickly, and a later map of the same
+                module-level function starts at the size the last one reached.
             progress: show a tqdm progress bar on a terminal.
 
         Raises:
@@ -294,6 +303,18 @@ class Pool(Submitter, concurrent.futures.Executor):
         )
 
 
+def _chunk_key(fn: Any) -> str:
+    """The name under which a map remembers ``fn``'s chunk size: ``module.qualname`` of
+    a function or builtin defined at a module's top level (also ``__main__``'s); ``""``
+    for anything else (lambdas, closures, partials, callable objects, task names)."""
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        return ""
+    qualname = getattr(fn, "__qualname__", "<")
+    if "<" in qualname:
+        return ""
+    return f"{getattr(fn, '__module__', None)}.{qualname}"
+
+
 def _items(iterable: Iterable[Any]) -> Iterator[Any] | list[Any] | tuple[Any, ...]:
     """What a map reads its items from: a list or tuple itself (its chunks are slices,
     several times cheaper than collecting an iterator's items one by one), else an
@@ -365,13 +386,15 @@ class _MapRun:
         # input is known, a chunk is at most a sixteenth of each worker's share of it, so
         # that the last chunks end close together (no worker runs a large last chunk
         # while the others wait).
+        # A map of a function that an earlier map sized already starts at that size.
         workers = max(1, pool._workers)
-        self.size = chunksize or (
-            max(1, min(64, total // (workers * 64))) if total is not None else 1
-        )
+        start = max(1, min(64, total // (workers * 64))) if total is not None else 1
         self.max_size = _MAX_CHUNK
         if total is not None:
-            self.max_size = max(self.size, min(_MAX_CHUNK, total // (16 * workers)))
+            self.max_size = max(start, min(_MAX_CHUNK, total // (16 * workers)))
+        self.key = _chunk_key(fn) if chunksize is None else ""
+        learned = pool._chunk_sizes.get(self.key, 0) if self.key else 0
+        self.size = chunksize or max(start, min(self.max_size, learned))
         self.call_timeout = call_timeout
         self.retries = retries
         self.ordered = ordered
@@ -427,6 +450,13 @@ class _MapRun:
             self.size = min(self.max_size, self.size * 4)
         elif took > 4 * _CHUNK_TARGET and self.size > 1:
             self.size = max(1, self.size // 2)
+        else:
+            return
+        if self.key:
+            sizes = self.pool._chunk_sizes
+            if len(sizes) >= _MAX_LEARNED and self.key not in sizes:
+                sizes.clear()
+            sizes[self.key] = self.size
 
     def _remaining(self) -> float | None:
         if self.deadline is None:
