@@ -259,12 +259,15 @@ def _in_rounds(
     idle pool's threads compete for the GIL with the one measured (and offload's pools,
     which share one I/O thread per process, don't share it here); and every contender's
     samples span the whole run, so a machine that slows down or speeds up halfway
-    through shifts all of them alike instead of the ratios. A contender that fails is
-    left out of the later rounds. Rows in the order of ``factories``."""
+    through shifts all of them alike instead of the ratios. The order rotates from
+    round to round, so no contender always follows the same one (whose processes may
+    still be exiting). A contender that fails is left out of the later rounds. Rows in
+    the order of ``factories``."""
     made: dict[str, Any] = {}
     notes: dict[str, str] = {}
-    for _ in range(rounds):
-        for name, factory in factories:
+    for r in range(rounds):
+        shift = r % len(factories)  # each round starts with another contender
+        for name, factory in [*factories[shift:], *factories[:shift]]:
             if name in notes:
                 continue  # could not start, or failed in an earlier round
             c, note = attempt(factory)
