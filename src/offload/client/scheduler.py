@@ -18,6 +18,8 @@ its old process with its new one.
 Calls wait in one FIFO queue in the parent; a READY slot is sent up to
 ``concurrency + prefetch`` of them. A slot with a deep pipeline (tiny calls) is refilled
 only once half of its prefetch has run, so calls go out in batches, not one per result.
+An adaptive prefetch sends nothing ahead to a slot whose running calls have all run far
+longer than calls usually take (see ``_stalled``): the calls would wait behind them.
 A worker starts the calls it receives in arrival
 order, at most ``concurrency`` at once, so the first ``concurrency`` calls *outstanding*
 on a slot are exactly the ones running: that is when their timeout clock starts, and
@@ -40,6 +42,10 @@ from typing import Any
 PIPELINE_SECONDS = 0.002  # work sent ahead to a worker running tiny calls
 MAX_PREFETCH = 256  # calls sent ahead per unit of a worker's capacity, at most
 SUBMIT_BATCH = 32  # submissions sent together to a worker that has work enough ahead
+# A worker whose running calls have all run this long, and many times the average call,
+# gets no calls sent ahead: they would wait for it while another worker may be free.
+STALL_SECONDS = 0.05
+STALL_FACTOR = 10
 
 
 class SlotState(enum.Enum):
@@ -177,7 +183,8 @@ class Scheduler:
         prefetch: calls sent to a worker beyond those it is running, to hide latency;
             None adapts it to how long calls take: deep pipelines for tiny calls (the
             round trip would dominate), none for long ones (a call waiting behind a long
-            one on a busy worker could have run on an idle one).
+            one on a busy worker could have run on an idle one), and none to a worker
+            whose running calls have run far longer than the average.
         max_tasks: calls a process serves before it is replaced (None: unlimited).
         keep_warm: start processes before calls arrive (pools) rather than on demand
             (worker handles restart their process only when the next call comes).
@@ -628,6 +635,23 @@ class Scheduler:
             return 2 * slot.capacity
         return 0 if len(self.slots) > 1 else slot.capacity
 
+    def _stalled(self, slot: Slot, now: float) -> bool:
+        """Whether each call ``slot`` runs has run for longer than STALL_SECONDS and
+        STALL_FACTOR times the average call (adaptive prefetch then sends it nothing
+        ahead: such calls would wait behind long ones, however fast they are)."""
+        outstanding = slot.outstanding
+        if len(outstanding) < slot.capacity:
+            return False
+        limit = max(STALL_SECONDS, STALL_FACTOR * (self.avg_duration or 0.0))
+        calls = self.calls
+        for i, call_id in enumerate(outstanding):
+            if i >= slot.capacity:
+                break
+            started = calls[call_id].started_at
+            if started is None or now - started <= limit:
+                return False
+        return True
+
     def _schedule(self, now: float, *, eager: bool = True) -> list[Action]:
         """Send queued calls to ready slots; start, stop and retire processes.
 
@@ -646,6 +670,8 @@ class Scheduler:
         limits: list[int] = []
         for slot in self.slots:
             prefetch = self.prefetch(slot)
+            if prefetch and self.fixed_prefetch is None and self._stalled(slot, now):
+                prefetch = 0
             # A slot with a deep pipeline is refilled once it has run down to half of its
             # prefetch, in one batch: fewer, larger writes (each write wakes the worker).
             deep = prefetch >= 8
