@@ -616,6 +616,7 @@ def serve_until_signalled(server: Server, drain_timeout: float) -> int:
     """Start ``server``, serve until SIGTERM or SIGINT, drain; return the exit status
     (0: every call finished; 3: calls were killed at the drain deadline; 1: could not
     start)."""
+    import select
     import signal
     import sys
 
@@ -625,15 +626,32 @@ def serve_until_signalled(server: Server, drain_timeout: float) -> int:
         print(f"offload serve: cannot listen on {server.address}: {exc}", file=sys.stderr)
         return 1
     print(f"offload: serving on {bound} (pid {os.getpid()})", flush=True)
-    stop = threading.Event()
+    # The handler only sets a flag: it runs on the main thread between two bytecodes,
+    # wherever that thread is, so it must take no lock (Event.set from a handler that
+    # interrupts Event.wait on the same thread deadlocks). The wakeup fd ends the wait
+    # at once: Python writes to it when any signal arrives.
+    signalled: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        signalled.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(0.5):  # a bounded wait keeps the main thread able to see signals
-        pass
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    previous = signal.set_wakeup_fd(wake_w)
+    try:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not signalled:
+            select.select([wake_r], [], [], 1.0)
+            try:
+                os.read(wake_r, 512)
+            except BlockingIOError:
+                pass
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
     print(f"offload: draining (up to {drain_timeout:g} s): {server!r}", file=sys.stderr, flush=True)
     clean = server.stop(drain_timeout)
     outcome = "drained" if clean else "killed the calls still running at the deadline"
