@@ -264,6 +264,63 @@ def test_shutdown_without_wait_returns_at_once() -> None:
     w.shutdown()  # wait for the process to go (leak check)
 
 
+def test_a_dropped_handle_stops_its_worker() -> None:
+    w = offload.spawn()
+    pid = w.pid
+    assert pid is not None and w.call(os.getpid) == pid
+    del w  # no shutdown(): its finalizer stops the worker
+    assert crashes.wait_gone([pid], RESOLVE_TIMEOUT) == []
+
+
+DROPPED_IN_A_CYCLE = """
+import gc, os, sys, threading
+import psutil
+import offload
+
+w = offload.spawn()
+pid, engine = w.pid, w._engine
+cycle = [w]
+cycle.append(cycle)
+del w, cycle  # only the garbage collector can free the handle now
+
+def collect_holding_the_engine_lock():
+    # As if the collector ran during an allocation inside the engine, on the thread
+    # that holds its lock (the I/O thread handling a result, or a submitting thread).
+    with engine.lock:
+        gc.collect()
+
+t = threading.Thread(target=collect_holding_the_engine_lock, daemon=True)
+t.start()
+t.join(10)
+print("stuck" if t.is_alive() else "collected", flush=True)
+if t.is_alive():
+    os._exit(1)
+# The I/O thread ran the shutdown the finalizer handed it: the worker exits.
+try:
+    psutil.Process(pid).wait(10)
+    print("stopped", flush=True)
+except psutil.NoSuchProcess:
+    print("stopped", flush=True)
+except psutil.TimeoutExpired:
+    print("still running", flush=True)
+"""
+
+
+def test_a_handle_collected_while_its_engine_lock_is_held_does_not_deadlock() -> None:
+    """The finalizer of a dropped handle may run on any thread, wherever the garbage
+    collector runs: it hands the shutdown to the I/O thread instead of taking locks."""
+    proc = subprocess.run(
+        [sys.executable, "-c", DROPPED_IN_A_CYCLE],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": TESTS_DIR},
+    )
+    assert proc.stdout.split() == ["collected", "stopped"], (proc.stdout, proc.stderr[-2000:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------- #
 # Restarts and on_failure
 # --------------------------------------------------------------------------------------- #

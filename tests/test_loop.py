@@ -1,4 +1,5 @@
-"""The I/O loop's busy polling (``offload.transport.loop.Loop.busy_poll``).
+"""The I/O loop: busy polling (``offload.transport.loop.Loop.busy_poll``) and handing
+work over from code that may hold a lock.
 
 The process-wide loop is used (a second loop would be a thread that never ends); each
 test sets the hook and takes it away again.
@@ -88,3 +89,19 @@ def test_a_zero_budget_means_the_loop_blocks_as_usual(
         assert calls >= 1
     finally:
         loop.remove_reader(pair[1].fileno())
+
+
+def test_call_soon_from_anywhere_takes_no_lock(loop: Loop) -> None:
+    """A finalizer may run on a thread that holds the loop's own lock (the garbage
+    collector runs during any allocation): handing work over must not need that lock."""
+    ran = threading.Event()
+    ran_on: list[str] = []
+
+    def work() -> None:
+        ran_on.append(threading.current_thread().name)
+        ran.set()
+
+    with loop._lock:  # as if the collector ran inside call_soon on this thread
+        loop.call_soon_from_anywhere(work)
+    assert ran.wait(WAIT)
+    assert ran_on == ["offload-io"]

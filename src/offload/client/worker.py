@@ -171,6 +171,21 @@ class Worker(Submitter):
 
 
 def _shutdown_engine(engine: Engine) -> None:
+    """Finalizer of a handle dropped without ``shutdown()``.
+
+    The garbage collector runs finalizers wherever it runs: possibly on a thread that
+    holds the engine's lock or one of its channels' (an allocation inside the engine),
+    where shutting down here would wait for that lock forever. So the shutdown goes to
+    the I/O thread, without taking any lock on the way; at interpreter exit (the main
+    thread has stopped, nothing of offload runs on it) it happens here.
+    """
+    if threading.main_thread().is_alive():
+        engine.loop.call_soon_from_anywhere(_shutdown_now, engine)
+    else:
+        _shutdown_now(engine)
+
+
+def _shutdown_now(engine: Engine) -> None:
     engine.shutdown(wait=False, cancel_futures=True, timeout=None)
 
 

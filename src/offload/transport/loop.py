@@ -16,6 +16,10 @@ polling without blocking; the next message is then handled without a wake-up. On
 virtual machine, waking a thread on a halted CPU costs tens of microseconds, and a relay
 pays that twice per call.
 
+Code that may run while its own thread holds a lock, such as a finalizer (the garbage
+collector runs them during any allocation, possibly inside the engine or the loop
+itself), hands work over with :meth:`Loop.call_soon_from_anywhere`, which takes no lock.
+
 The clock is injectable (``Loop(clock=...)``) for tests of timer logic.
 """
 
@@ -31,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 log = logging.getLogger("offload")
@@ -76,6 +81,9 @@ class Loop:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._woken = False
+        # Filled by call_soon_from_anywhere, which takes no lock (SimpleQueue.put is
+        # reentrant); drained once per loop iteration.
+        self._deferred: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = SimpleQueue()
         # Seconds to poll without blocking before each wait (see the module docstring);
         # read on every loop iteration, so it may change (or be unset) at any time.
         self.busy_poll: Callable[[], float] | None = None
@@ -96,6 +104,13 @@ class Loop:
             self._woken = self._woken or wake
         if wake:
             self._wake()
+
+    def call_soon_from_anywhere(self, callback: Callable[..., Any], *args: Any) -> None:
+        """:meth:`call_soon` for code that may run while its own thread holds some lock
+        (a weakref finalizer or ``__del__``, run wherever the garbage collector runs; a
+        signal handler): takes no lock at all."""
+        self._deferred.put((callback, args))
+        self._wake()
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Run ``callback(*args)`` on the loop thread at ``clock() >= when``. Thread-safe."""
@@ -237,6 +252,10 @@ class Loop:
                 if not timer.cancelled:
                     self._invoke(timer.callback, timer.args)
             for callback, args in ready:
+                self._invoke(callback, args)
+            deferred = self._deferred
+            while not deferred.empty():
+                callback, args = deferred.get()
                 self._invoke(callback, args)
 
     def _spin(self, seconds: float) -> list[tuple[selectors.SelectorKey, int]]:
