@@ -655,6 +655,19 @@ def test_map_starts_at_the_chunk_size_an_earlier_map_of_the_function_ended_with(
     assert set(maps[-1]) == {10}
 
 
+def test_a_dropped_pool_finishes_its_calls_then_its_workers_exit(tmp_path: Path) -> None:
+    pool = offload.Pool(2)
+    wait_ready(pool, 2)
+    pids = pool.worker_pids()
+    fut, gate = blocked_call(pool, tmp_path, "dropped", value="kept")
+    queued = pool.submit(ph.square, 12)
+    del pool  # no shutdown(): the finalizer stops accepting, the calls still run
+    gate.touch()
+    assert fut.result(RESOLVE) == "kept"
+    assert queued.result(RESOLVE) == 144
+    assert wait_gone(pids, RESOLVE) == []
+
+
 def test_asyncio_await_and_run_in_executor(pools: Callable[..., offload.Pool]) -> None:
     pool = pools(2)
 

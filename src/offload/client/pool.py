@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import make_options, next_worker_name
 from offload.client.remote import RemoteTarget
-from offload.client.worker import Submitter, call_settings
+from offload.client.worker import Submitter, _shutdown_engine, call_settings
 from offload.errors import RemoteError, RemoteTraceback
 from offload.transport.net import TLS
 from offload.worker.batch import run_chunk
@@ -77,6 +78,9 @@ class Pool(Submitter, concurrent.futures.Executor):
         **options: worker options, as for :func:`offload.spawn` (``name`` names the pool;
             its workers are ``name-1``, ``name-2``, ...).
 
+    A pool dropped without :meth:`shutdown` lets the calls already submitted finish,
+    then its workers exit.
+
     Raises:
         ValueError, TypeError: an invalid option.
         AuthenticationError: hosts given but no token.
@@ -117,6 +121,9 @@ class Pool(Submitter, concurrent.futures.Executor):
         # of growing again from small chunks.
         self._chunk_sizes: dict[str, int] = {}
         self._engine.start()
+        # Dropped without shutdown(): the calls already submitted still run (their
+        # futures may be held), then the workers exit.
+        self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine, False)
 
     # -- submitting (submit() comes from Submitter) ---------------------------------
 
@@ -264,6 +271,7 @@ class Pool(Submitter, concurrent.futures.Executor):
                 calls are cancelled).
         """
         engine = self._engine
+        self._finalizer.detach()
         if kill:
             engine.shutdown(wait=False, cancel_futures=True, timeout=None)
             engine.kill_all()

@@ -170,8 +170,8 @@ class Worker(Submitter):
         )
 
 
-def _shutdown_engine(engine: Engine) -> None:
-    """Finalizer of a handle dropped without ``shutdown()``.
+def _shutdown_engine(engine: Engine, cancel_futures: bool = True) -> None:
+    """Finalizer of a handle (or pool) dropped without ``shutdown()``.
 
     The garbage collector runs finalizers wherever it runs: possibly on a thread that
     holds the engine's lock or one of its channels' (an allocation inside the engine),
@@ -180,13 +180,13 @@ def _shutdown_engine(engine: Engine) -> None:
     thread has stopped, nothing of offload runs on it) it happens here.
     """
     if threading.main_thread().is_alive():
-        engine.loop.call_soon_from_anywhere(_shutdown_now, engine)
+        engine.loop.call_soon_from_anywhere(_shutdown_now, engine, cancel_futures)
     else:
-        _shutdown_now(engine)
+        _shutdown_now(engine, cancel_futures)
 
 
-def _shutdown_now(engine: Engine) -> None:
-    engine.shutdown(wait=False, cancel_futures=True, timeout=None)
+def _shutdown_now(engine: Engine, cancel_futures: bool) -> None:
+    engine.shutdown(wait=False, cancel_futures=cancel_futures, timeout=None)
 
 
 def spawn(**options: Any) -> Worker:
