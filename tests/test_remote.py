@@ -1131,6 +1131,25 @@ def test_drain_exit_status_3_when_calls_are_killed(
     assert time_until_gone(task_pid, 5.0) is not None
 
 
+def test_inline_server_ends_at_the_drain_deadline_and_fails_the_running_call(
+    serve: ServeFactory, token: str, tmp_path: Path
+) -> None:
+    """A call on one of an inline server's own threads cannot be killed: at the drain
+    deadline the server ends anyway (status 3), and the call fails with WorkerKilled
+    rather than hanging the drain until the call ends."""
+    server = serve("127.0.0.1:0", "--isolation", "inline", "--drain-timeout", "0.5", workers=1)
+    release = tmp_path / "release"
+    with offload.connect(server.address, token=token) as w, released(release):
+        fut = w.submit(rt.hold, str(tmp_path / "pid"), str(release))
+        read_pid(tmp_path / "pid")
+        started = time.monotonic()
+        server.stop(expect=3)
+        assert time.monotonic() - started < 5.0
+        err = fut.exception(WAIT)
+        assert isinstance(err, offload.WorkerKilled), repr(err)
+        assert "drain deadline" in str(err)
+
+
 # --------------------------------------------------------------------------- #
 # 7. Several machines: network namespaces joined by veth pairs
 # --------------------------------------------------------------------------- #

@@ -212,7 +212,15 @@ class Server:
                 timeout=0 if not clean else max(0.0, deadline - time.monotonic()),
             )
         if self._inline is not None:
-            self._inline.shutdown()
+            # Threads cannot be killed: after the deadline, stop waiting for them, and
+            # tell the clients their calls die with the process.
+            self._inline.shutdown(wait=clean)
+            if not clean:
+                for session in list(self._sessions):
+                    session.abandon(
+                        "the server reached its drain deadline while the call still ran "
+                        "on one of its threads (isolation=inline)"
+                    )
         for session in list(self._sessions):
             session.close()
         self._stopped.set()
@@ -324,6 +332,11 @@ class Server:
         if self._engine is not None:
             return self._engine.cancel(call_id)
         return self._inline is not None and self._inline.cancel(call_id)
+
+    @property
+    def inline_running(self) -> int:
+        """Calls running on the server's own threads (``isolation="inline"``)."""
+        return self._inline.busy if self._inline is not None else 0
 
     def busy_poll_budget(self) -> float:
         """How long the I/O loop polls before it sleeps (its
@@ -512,6 +525,11 @@ class Session:
                 self._idle.wait(remaining)
         return True
 
+    def abandon(self, reason: str) -> None:
+        """Fail every call of this session still running, with WorkerKilled."""
+        for call_id in list(self._client_ids):
+            self.call_done(call_id, WorkerKilled(reason))
+
     def close(self) -> None:
         """Close the connection (its calls follow the disconnect rule)."""
         if not self.channel.closed:
@@ -558,8 +576,8 @@ class _InlineRunner:
         if queued is not None and self.cancel(call_id):
             queued[1].call_done(call_id, WorkerKilled("the call was killed before it started"))
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, wait: bool) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _wake(sock: socket.socket) -> None:
@@ -656,4 +674,9 @@ def serve_until_signalled(server: Server, drain_timeout: float) -> int:
     clean = server.stop(drain_timeout)
     outcome = "drained" if clean else "killed the calls still running at the deadline"
     print(f"offload: {outcome}; exiting", file=sys.stderr, flush=True)
+    if not clean and server.inline_running:
+        # Inline calls run on threads of this process, which the interpreter would wait
+        # for at exit: ending the process is the only way to kill them.
+        sys.stdout.flush()
+        os._exit(3)
     return 0 if clean else 3
