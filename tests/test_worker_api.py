@@ -545,6 +545,40 @@ def test_add_done_callback(spawn: Callable[..., offload.Worker]) -> None:
     assert isinstance(failed_seen.calls[0].exception(), ValueError)
 
 
+def test_waiting_in_a_done_callback_raises_instead_of_hanging(
+    spawn: Callable[..., offload.Worker], tmp_path: Path
+) -> None:
+    """Done callbacks run on offload's I/O thread, which delivers every answer: a
+    callback that waited there for another call would wait forever, so it gets a
+    RuntimeError at once, and the I/O thread goes on."""
+    w = spawn()
+    started, go = tmp_path / "started", tmp_path / "go"
+    blocked = w.submit(h.block, str(started), str(go), "later")
+    assert wait_path(started)
+    other = spawn()
+    seen: list[BaseException] = []
+    threads: list[str] = []
+    called = threading.Event()
+
+    def wait_inside(_: Any) -> None:
+        threads.append(threading.current_thread().name)
+        try:
+            blocked.result()
+        except BaseException as exc:  # noqa: BLE001 - what the wait raised
+            seen.append(exc)
+        called.set()
+
+    fut = other.submit(h.echo, "first")
+    fut.add_done_callback(wait_inside)
+    assert called.wait(WAIT)
+    assert threads == ["offload-io"]
+    assert len(seen) == 1 and isinstance(seen[0], RuntimeError), seen
+    assert "I/O thread" in str(seen[0])
+    assert not blocked.done()
+    go.touch()
+    assert blocked.result(WAIT) == "later"  # the I/O thread still delivers
+
+
 def test_status_working_then_success(spawn: Callable[..., offload.Worker], tmp_path: Path) -> None:
     w = spawn()
     started, go = tmp_path / "started", tmp_path / "go"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from offload.errors import ExecutionError
+from offload.transport.loop import on_loop_thread
 
 T = TypeVar("T")
 log = logging.getLogger("offload")
@@ -148,7 +149,8 @@ class Future(concurrent.futures.Future[T]):
 
     Done and progress callbacks run on offload's I/O thread (or on a thread that is
     reading its own result); like asyncio callbacks they must be quick and must not wait
-    for other futures: hand longer work to a thread of your own.
+    for other futures: hand longer work to a thread of your own. (Waiting for an
+    unfinished future on the I/O thread raises RuntimeError: it would never end.)
     """
 
     def __init__(self) -> None:
@@ -230,17 +232,28 @@ class Future(concurrent.futures.Future[T]):
         """
         if _LIGHT_INIT and self._state == _FINISHED and self._exception is None:
             return cast(T, self._result)  # set before the state
-        pump = self._pump
-        if pump is not None and not self.done():
-            pump.pump(self)
+        if not self.done():
+            self._before_wait(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the call failed with, or None if it succeeded."""
-        pump = self._pump
-        if pump is not None and not self.done():
-            pump.pump(self)
+        if not self.done():
+            self._before_wait(timeout)
         return super().exception(timeout)
+
+    def _before_wait(self, timeout: float | None) -> None:
+        """About to wait for this future: refuse on the I/O thread, which would then
+        never deliver the answer, and read the answer on this thread if it can."""
+        if timeout != 0 and on_loop_thread():
+            raise RuntimeError(
+                "waiting for an offload future on offload's I/O thread (in a done or "
+                "progress callback) would never end: the answer arrives on that thread; "
+                "hand the wait to a thread of your own"
+            )
+        pump = self._pump
+        if pump is not None:
+            pump.pump(self)
 
     def cancel(self) -> bool:
         """Cancel the call if it has not been sent to a worker yet.

@@ -291,6 +291,12 @@ def get_loop() -> Loop:
     return loop
 
 
+def on_loop_thread() -> bool:
+    """Whether the caller runs on the process-wide loop's thread (never starts it)."""
+    loop = _loop
+    return loop is not None and loop.in_loop()
+
+
 _long_lived: set[int] = set()
 
 
