@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from offload import protocol as p
+from offload.transport.channel import Channel, in_dispatch
 from offload.transport.loop import Loop, get_loop
 
 WAIT = 10.0
@@ -105,3 +107,44 @@ def test_call_soon_from_anywhere_takes_no_lock(loop: Loop) -> None:
         loop.call_soon_from_anywhere(work)
     assert ran.wait(WAIT)
     assert ran_on == ["offload-io"]
+
+
+def test_messages_are_dispatched_where_waiting_is_refused(
+    loop: Loop, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """Futures refuse to wait (RuntimeError) wherever ``in_dispatch()`` holds: on the
+    loop's thread, and on a thread that reads its own answers (``Channel.pump``) while it
+    dispatches them, but not on that thread otherwise."""
+    mine, peer = pair
+    conn = p.Connection("client", name="test", pid=0, slots=0)
+    peer_conn = p.Connection("worker", name="peer", pid=0, slots=1)
+    conn.state = peer_conn.state = p.State.OPEN
+    channel = Channel(mine, conn, loop)
+    seen: list[tuple[str, bool]] = []
+    got = threading.Event()
+
+    def on_messages(msgs: list[p.Message]) -> None:
+        seen.append((threading.current_thread().name, in_dispatch()))
+        got.set()
+
+    channel.on_messages = on_messages
+
+    def answer(call_id: int) -> None:
+        for chunk in peer_conn.send(p.Result(call_id=call_id, status=p.OK, payload=b"x")):
+            peer.sendall(chunk)
+
+    loop.add_reader(mine.fileno(), channel._on_readable)
+    try:
+        # Read by the loop.
+        answer(1)
+        assert got.wait(WAIT)
+        # Read by this thread, which claimed the socket before the answer was sent.
+        got.clear()
+        assert channel.claim()
+        answer(2)
+        channel.pump_claimed(got.is_set, WAIT)
+        assert got.is_set()
+        assert not in_dispatch()  # back outside the dispatch
+    finally:
+        loop.remove_reader(mine.fileno())
+    assert seen == [("offload-io", True), (threading.current_thread().name, True)]

@@ -579,6 +579,38 @@ def test_waiting_in_a_done_callback_raises_instead_of_hanging(
     assert blocked.result(WAIT) == "later"  # the I/O thread still delivers
 
 
+def test_waiting_in_a_callback_raises_whichever_thread_runs_it(
+    spawn: Callable[..., offload.Worker], tmp_path: Path
+) -> None:
+    """While this thread waits for ``second`` (reading the worker's socket itself for a
+    moment), ``first``'s answer is delivered by this thread or by the I/O thread; either
+    way its callback's wait for a later answer of the same worker raises. (The reading
+    thread's side is checked directly in test_loop.py.)"""
+    w = spawn()
+    first_started, first_go = tmp_path / "first.started", tmp_path / "first.go"
+    started, go = tmp_path / "started", tmp_path / "go"
+    seen: list[BaseException] = []
+    first = w.submit(h.block, str(first_started), str(first_go), "first")
+    second = w.submit(h.echo, "second")
+    third = w.submit(h.block, str(started), str(go), "third")
+
+    def wait_inside(_: Any) -> None:
+        try:
+            third.result(WAIT)  # bounded: a wrong thread would time out, not hang
+        except BaseException as exc:  # noqa: BLE001 - what the wait raised
+            seen.append(exc)
+
+    first.add_done_callback(wait_inside)  # before it can finish: it waits for first_go
+    first_go.touch()
+    try:
+        assert second.result(WAIT) == "second"
+        assert first.result(WAIT) == "first"
+        assert len(seen) == 1 and isinstance(seen[0], RuntimeError), seen
+    finally:
+        go.touch()
+    assert third.result(WAIT) == "third"
+
+
 def test_status_working_then_success(spawn: Callable[..., offload.Worker], tmp_path: Path) -> None:
     w = spawn()
     started, go = tmp_path / "started", tmp_path / "go"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from offload.errors import ExecutionError
-from offload.transport.loop import on_loop_thread
+from offload.transport.channel import in_dispatch
 
 T = TypeVar("T")
 log = logging.getLogger("offload")
@@ -150,7 +150,7 @@ class Future(concurrent.futures.Future[T]):
     Done and progress callbacks run on offload's I/O thread (or on a thread that is
     reading its own result); like asyncio callbacks they must be quick and must not wait
     for other futures: hand longer work to a thread of your own. (Waiting for an
-    unfinished future on the I/O thread raises RuntimeError: it would never end.)
+    unfinished future in a callback raises RuntimeError: it would never end.)
     """
 
     def __init__(self) -> None:
@@ -243,13 +243,15 @@ class Future(concurrent.futures.Future[T]):
         return super().exception(timeout)
 
     def _before_wait(self, timeout: float | None) -> None:
-        """About to wait for this future: refuse on the I/O thread, which would then
-        never deliver the answer, and read the answer on this thread if it can."""
-        if timeout != 0 and on_loop_thread():
+        """About to wait for this future: refuse where answers are dispatched (in a
+        callback), which would never deliver this one, and read the answer on this
+        thread if it can."""
+        if timeout != 0 and in_dispatch():
             raise RuntimeError(
-                "waiting for an offload future on offload's I/O thread (in a done or "
-                "progress callback) would never end: the answer arrives on that thread; "
-                "hand the wait to a thread of your own"
+                "waiting for an offload future in a done or progress callback would never "
+                "end: callbacks run on the thread that delivers the answers (offload's "
+                "I/O thread, or one reading its own answer); hand the wait to a thread "
+                "of your own"
             )
         pump = self._pump
         if pump is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from offload import protocol as p
 from offload.errors import ProtocolError
-from offload.transport.loop import Loop
+from offload.transport.loop import Loop, on_loop_thread
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 _READ_SIZE = 1 << 18
 _IOV_MAX = 512
 _JOIN_LIMIT = 1 << 16  # frames of a write up to this many bytes in all are joined first
+
+# Threads other than the loop's dispatching messages they read (a waiting thread, see
+# Channel.pump; a TLS connection's reader): the callbacks of the futures they resolve run
+# there, and while they do, nobody else reads that socket.
+_dispatching = threading.local()
+
+
+def in_dispatch() -> bool:
+    """Whether the caller runs where answers are dispatched: on the I/O loop's thread,
+    or on a thread dispatching what it read itself (see :meth:`Channel.pump`, and TLS
+    readers). Waiting for another answer there could wait for this very thread."""
+    return on_loop_thread() or getattr(_dispatching, "depth", 0) > 0
 
 
 class Channel:
@@ -78,14 +90,22 @@ class Channel:
 
     def _read_thread(self, initial: bytes) -> None:
         if initial:
-            self._feed(initial)
+            self._dispatch(initial)
         while not self._closed:
             try:
                 n = self.sock.recv_into(self._read_buf)
             except OSError:
                 n = 0
             with self._read_lock:
-                self._feed(self._read_view[:n] if n else b"")
+                self._dispatch(self._read_view[:n] if n else b"")
+
+    def _dispatch(self, data: bytes | memoryview) -> None:
+        """:meth:`_feed` on a thread other than the loop's (see :func:`in_dispatch`)."""
+        _dispatching.depth = getattr(_dispatching, "depth", 0) + 1
+        try:
+            self._feed(data)
+        finally:
+            _dispatching.depth -= 1
 
     # -- output --------------------------------------------------------------------------
 
@@ -237,7 +257,7 @@ class Channel:
                 return  # the loop sees the failure too, and reports it
             if not n:
                 return  # end of file: the loop handles the worker's exit
-            self._feed(self._read_view[:n])
+            self._dispatch(self._read_view[:n])
 
     def _feed(self, data: bytes | memoryview) -> None:
         """Decode what ``data`` completes and hand it over as one batch."""
