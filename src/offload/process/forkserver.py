@@ -164,7 +164,11 @@ class ForkServer:
         self.loop.remove_reader(self.sock.fileno())
         keep_open(self.sock.fileno(), False)
         self.sock.close()
-        self.popen.wait()  # it exits right after its channel breaks
+        try:
+            self.popen.wait(5.0)  # it exits right after its channel breaks
+        except subprocess.TimeoutExpired:  # stopped, or stuck: never hold up the loop
+            self.popen.kill()
+            self.popen.wait()
         for pid, child in list(self.children.items()):
             child.kill()
             child.report_exit(-signal.SIGKILL)  # its parent, the template, is gone
