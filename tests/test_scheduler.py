@@ -1508,10 +1508,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             before = self.running_before.get(key)
             assert started == (self.now if before is None else before), (key, started)
         # No ready slot has room while calls wait, except a deep pipeline with work
-        # ahead (its next result refills it), and something will run them.
+        # ahead (its next result refills it), and something will run them. (A stalled
+        # slot has no room beyond its running calls: prefetch_at says 0.)
         if queue:
             for slot in s.slots:
-                prefetch = s.prefetch(slot)
+                prefetch = s.prefetch_at(slot, self.now)
                 if slot.state is READY and len(slot.outstanding) < slot.capacity + prefetch:
                     assert prefetch >= 8, (slot, prefetch)
                     low_water = slot.capacity + prefetch // 2

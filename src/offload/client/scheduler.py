@@ -635,6 +635,14 @@ class Scheduler:
             return 2 * slot.capacity
         return 0 if len(self.slots) > 1 else slot.capacity
 
+    def prefetch_at(self, slot: Slot, now: float) -> int:
+        """:meth:`prefetch` as a scheduling pass at ``now`` applies it: none while an
+        adaptive slot is stalled (see :meth:`_stalled`)."""
+        prefetch = self.prefetch(slot)
+        if prefetch and self.fixed_prefetch is None and self._stalled(slot, now):
+            return 0
+        return prefetch
+
     def _stalled(self, slot: Slot, now: float) -> bool:
         """Whether each call ``slot`` runs has run for longer than STALL_SECONDS and
         STALL_FACTOR times the average call (adaptive prefetch then sends it nothing
@@ -669,9 +677,7 @@ class Scheduler:
         sends: dict[int, list[int]] = {}
         limits: list[int] = []
         for slot in self.slots:
-            prefetch = self.prefetch(slot)
-            if prefetch and self.fixed_prefetch is None and self._stalled(slot, now):
-                prefetch = 0
+            prefetch = self.prefetch_at(slot, now)
             # A slot with a deep pipeline is refilled once it has run down to half of its
             # prefetch, in one batch: fewer, larger writes (each write wakes the worker).
             deep = prefetch >= 8
