@@ -744,6 +744,25 @@ class Engine:
                     proc.kill("shutdown")
             self.wait_idle(None)
 
+    def shutdown_dropped(self, cancel_futures: bool) -> None:
+        """:meth:`shutdown` without waiting, for the finalizer of a handle or pool
+        dropped without ``shutdown()``.
+
+        The garbage collector runs finalizers wherever it runs: possibly on a thread that
+        holds this engine's lock or one of its channels' (an allocation inside the
+        engine), where shutting down at once would wait for that lock forever. So the
+        shutdown goes to the I/O thread, without taking any lock on the way; at
+        interpreter exit (the main thread has stopped, nothing of offload runs on it) it
+        happens here.
+        """
+        if threading.main_thread().is_alive():
+            self.loop.call_soon_from_anywhere(self._shutdown_nowait, cancel_futures)
+        else:
+            self._shutdown_nowait(cancel_futures)
+
+    def _shutdown_nowait(self, cancel_futures: bool) -> None:
+        self.shutdown(wait=False, cancel_futures=cancel_futures, timeout=None)
+
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no call is pending and every process has exited."""
         import time

@@ -29,7 +29,7 @@ from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import make_options, next_worker_name
 from offload.client.remote import RemoteTarget
-from offload.client.worker import Submitter, _shutdown_engine, call_settings
+from offload.client.worker import Submitter, call_settings
 from offload.errors import RemoteError, RemoteTraceback
 from offload.transport.net import TLS
 from offload.worker.batch import run_chunk
@@ -123,7 +123,7 @@ class Pool(Submitter, concurrent.futures.Executor):
         self._engine.start()
         # Dropped without shutdown(): the calls already submitted still run (their
         # futures may be held), then the workers exit.
-        self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine, False)
+        self._finalizer = weakref.finalize(self, self._engine.shutdown_dropped, False)
 
     # -- submitting (submit() comes from Submitter) ---------------------------------
 

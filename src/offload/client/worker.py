@@ -84,7 +84,7 @@ class Worker(Submitter):
             remotes={0: remote} if remote is not None else None,
         )
         # The handle may be dropped without shutdown(): stop the process then.
-        self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
+        self._finalizer = weakref.finalize(self, self._engine.shutdown_dropped, True)
         self._engine.start()
         if wait:
             try:
@@ -168,25 +168,6 @@ class Worker(Submitter):
             f"<Worker {self.name} pid={self.pid} {state} running={counts.running} "
             f"queued={counts.queued}>"
         )
-
-
-def _shutdown_engine(engine: Engine, cancel_futures: bool = True) -> None:
-    """Finalizer of a handle (or pool) dropped without ``shutdown()``.
-
-    The garbage collector runs finalizers wherever it runs: possibly on a thread that
-    holds the engine's lock or one of its channels' (an allocation inside the engine),
-    where shutting down here would wait for that lock forever. So the shutdown goes to
-    the I/O thread, without taking any lock on the way; at interpreter exit (the main
-    thread has stopped, nothing of offload runs on it) it happens here.
-    """
-    if threading.main_thread().is_alive():
-        engine.loop.call_soon_from_anywhere(_shutdown_now, engine, cancel_futures)
-    else:
-        _shutdown_now(engine, cancel_futures)
-
-
-def _shutdown_now(engine: Engine, cancel_futures: bool) -> None:
-    engine.shutdown(wait=False, cancel_futures=cancel_futures, timeout=None)
 
 
 def spawn(**options: Any) -> Worker:
@@ -293,5 +274,5 @@ def delegate(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future
     engine.scheduler.max_tasks = 1
     future = engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
     worker._finalizer.detach()
-    future.add_done_callback(lambda _: _shutdown_engine(engine))
+    future.add_done_callback(lambda _: engine.shutdown_dropped(True))
     return future

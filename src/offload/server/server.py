@@ -409,8 +409,7 @@ class Session:
         # dict operation is atomic, so only drain waiters need the lock.
         self.calls: dict[int, int] = {}
         self._client_ids: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        self._idle = threading.Condition()  # drain waiters (see wait_idle)
         self._draining = False
         self.closed = False
 
