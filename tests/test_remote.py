@@ -328,6 +328,72 @@ def serve(tmp_path: Path, token_file: Path, token: str) -> Iterator[ServeFactory
 # --------------------------------------------------------------------------- #
 
 
+class _RecordingSink:
+    """A RawSink that records what the engine hands it (in place of a server session)."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.cond = threading.Condition()
+        self.outcomes: dict[int, Any] = {}
+        self.held: set[int] = set()  # passed on with flush=False, not flushed yet
+        self.batched = 0
+
+    def call_done(self, call_id: int, outcome: Any, *, flush: bool = True) -> None:
+        with self.cond:
+            self.outcomes[call_id] = outcome
+            if flush:
+                self.held.clear()  # a flush writes what was held back too
+            else:
+                self.held.add(call_id)
+                self.batched += 1
+            self.cond.notify_all()
+
+    def flush(self) -> None:
+        with self.cond:
+            self.held.clear()
+            self.cond.notify_all()
+
+    def call_progress(self, msg: Any) -> None:
+        pass
+
+    def settled(self) -> bool:
+        return len(self.outcomes) == self.expected and not self.held
+
+
+def test_relayed_results_are_passed_on_in_batches_and_always_flushed() -> None:
+    """A server relays its workers' results through a sink: the engine passes each batch
+    it reads with flush=False and flushes the sink once after it (one write per batch
+    to the client instead of one per result), and never leaves a result held back."""
+    from offload import protocol as p
+    from offload.client.engine import Engine
+    from offload.client.options import make_options
+    from offload.serde import dumps
+
+    calls = 2000
+    sink = _RecordingSink(calls)
+    engine = Engine(make_options(), 1, keep_warm=True, label="relay-test")
+    engine.start()
+    try:
+        ids = []
+        for i in range(calls):
+            call_id = engine.new_call_id()
+            ids.append(call_id)
+            payload, _ = dumps((abs, (-i,), {}))
+            call = p.Call(
+                call_id=call_id, kind=p.BY_VALUE, timeout=0.0, target="abs(...)", payload=payload
+            )
+            engine.submit_raw(call_id, call, sink)
+        with sink.cond:
+            assert sink.cond.wait_for(sink.settled, timeout=20), (
+                f"{len(sink.outcomes)} of {calls} results, {len(sink.held)} held back"
+            )
+        assert all(isinstance(sink.outcomes[c], p.Result) for c in ids)
+        assert [sink.outcomes[c].status for c in ids] == [p.OK] * calls
+        assert sink.batched > 0  # results were read several at a time and batched
+    finally:
+        engine.shutdown(wait=True, cancel_futures=True, timeout=10)
+
+
 def test_connect_returns_values_and_lambdas_travel(serve: ServeFactory, token: str) -> None:
     server = serve()
     factor = 3

@@ -173,9 +173,16 @@ class ExitInfo:
 class RawSink(Protocol):
     """Where the outcome of relayed calls goes (see :meth:`Engine.submit_raw`)."""
 
-    def call_done(self, call_id: int, outcome: p.Result | BaseException) -> None:
+    def call_done(
+        self, call_id: int, outcome: p.Result | BaseException, *, flush: bool = True
+    ) -> None:
         """Call ``call_id`` ended: the worker's Result message, or the error it failed
-        with (an OffloadError; CancelledError when it was dropped unstarted)."""
+        with (an OffloadError; CancelledError when it was dropped unstarted). With
+        ``flush=False`` the outcome may wait for :meth:`flush` (the engine passes a
+        batch of results on that way, then flushes once)."""
+
+    def flush(self) -> None:
+        """Pass on the outcomes that ``call_done(..., flush=False)`` held back."""
 
     def call_progress(self, msg: p.Progress) -> None:
         """A progress report of one of the calls, as the worker sent it."""
@@ -849,8 +856,17 @@ class Engine:
             )
         proc.flush()  # the calls waiting for this worker's results
         self._flush()  # and those just sent to any worker, before the results
+        sinks: set[RawSink] = set()
         for record, msg in expected:
-            self._deliver(record, msg, proc)
+            sink = record.sink
+            if sink is None:
+                self._deliver(record, msg, proc)
+            else:  # relayed: one write per sink for the whole batch
+                self.stats_done += 1
+                sink.call_done(record.call_id, msg, flush=False)
+                sinks.add(sink)
+        for sink in sinks:
+            sink.flush()
         self._resolve(deferred)
         if self.options.memory_limit is not None:
             self.check_memory(proc)
@@ -1152,10 +1168,7 @@ class Engine:
         return proc.pid if proc is not None else None
 
     def _deliver(self, record: CallRecord, msg: p.Result, proc: SlotProcess) -> None:
-        if record.sink is not None:
-            self.stats_done += 1
-            record.sink.call_done(record.call_id, msg)
-            return
+        """Resolve the future of a (not relayed) call with the worker's Result."""
         future = record.future
         status = msg.status
         if status == p.OK:

@@ -464,8 +464,15 @@ class Session:
                 p.Progress(call_id=client_id, payload=msg.payload, buffers=msg.buffers)
             )
 
-    def call_done(self, call_id: int, outcome: p.Result | BaseException) -> None:
-        """Relay the outcome of one of this session's calls to the client."""
+    def flush(self) -> None:
+        """Write the outcomes queued with ``call_done(..., flush=False)``."""
+        self.channel.flush()
+
+    def call_done(
+        self, call_id: int, outcome: p.Result | BaseException, *, flush: bool = True
+    ) -> None:
+        """Relay the outcome of one of this session's calls to the client (queued
+        until :meth:`flush` with ``flush=False``)."""
         client_id = self._client_ids.pop(call_id, None)
         if client_id is None:
             return  # reported already (a kill racing the result)
@@ -477,7 +484,9 @@ class Session:
         server = self.server
         if isinstance(outcome, p.Result):
             server.calls_served += 1
-            self.channel.send(p.with_call_id(outcome, client_id))
+            self.channel.enqueue((p.with_call_id(outcome, client_id),))
+            if flush:
+                self.channel.flush()
             return
         if isinstance(outcome, concurrent.futures.CancelledError):
             outcome = WorkerKilled("the call was cancelled on the server")
