@@ -13,10 +13,19 @@ The runs go in rounds (each contender started, measured once and closed per roun
 that a machine whose speed drifts during the run moves every contender's samples alike. A
 sample is the run's time divided by its number of calls (items); the table shows its
 inverse, calls (items) per second.
+
+Each timed run starts after a full garbage collection (:func:`_settled`). Every run
+leaves objects that survived into the oldest generation; once enough of them accumulate,
+the collector walks the whole heap of this process (which holds every benchmark's
+imports and samples), and after a fork (the fork pools, the raw floor) that walk also
+takes a page fault for each page the children shared: 100 ms and more, landing in
+whichever contender's run happens to cross the threshold. Collecting before each timed
+run clears that debt for everyone alike; a collection a run triggers itself still counts.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import sys
 import threading
@@ -242,6 +251,7 @@ def run_submit(
     def measure_once(c: Submitter) -> None:
         warm = min(calls, 5000)  # a fresh pool: its processes' first calls are slower
         _check(c.run(warm, limit), warm)
+        _settled()
         t0 = time.perf_counter()
         results = c.run(calls, limit)
         t1 = time.perf_counter()
@@ -440,8 +450,14 @@ def _rate(seconds_per_item: float) -> str:
     return f"{rate:.0f}"
 
 
+def _settled() -> None:
+    """A full garbage collection before a timed run (see the module docstring)."""
+    gc.collect()
+
+
 def _map_once(m: Mapper, items: list[int], chunksize: int | None, limit: float) -> float:
-    """Seconds per item of one checked run."""
+    """Seconds per item of one checked run (after a full collection, as every timed run)."""
+    _settled()
     t0 = time.perf_counter()
     results = m.run(items, chunksize, limit)
     t1 = time.perf_counter()
