@@ -148,3 +148,79 @@ def test_messages_are_dispatched_where_waiting_is_refused(
     finally:
         loop.remove_reader(mine.fileno())
     assert seen == [("offload-io", True), (threading.current_thread().name, True)]
+
+
+def test_a_writer_watch_fires_when_the_socket_takes_more_and_leaves_its_reader(
+    loop: Loop, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    mine, peer = pair
+    mine.setblocking(False)
+    try:
+        while True:
+            mine.send(b"x" * 65536)  # fill the socket
+    except BlockingIOError:
+        pass
+    writable = threading.Event()
+    readable = threading.Event()
+    loop.add_reader(mine.fileno(), readable.set)
+    token = loop.run_sync(loop.add_writer, mine.fileno(), writable.set)
+    try:
+        assert not writable.wait(0.2)  # full: no callback
+        peer.send(b"r")
+        assert readable.wait(WAIT)  # the reader of the same fd still works
+        peer.setblocking(False)
+        try:
+            while peer.recv(1 << 20):  # drain what we wrote
+                pass
+        except BlockingIOError:
+            pass
+        assert writable.wait(WAIT)
+    finally:
+        loop.remove_writer(token)
+        loop.remove_reader(mine.fileno())
+        done = threading.Event()
+        loop.call_soon(done.set)  # remove_writer from another thread happens on the loop
+        assert done.wait(WAIT)
+
+
+def test_a_channel_never_waits_for_a_peer_that_does_not_read(
+    loop: Loop, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """Sending to a peer that does not read returns at once, whatever the size; what
+    the socket did not take is written by the loop once the peer reads, all of it and in
+    order."""
+    mine, peer = pair
+    conn = p.Connection("client", name="test", pid=0, slots=0)
+    conn.state = p.State.OPEN
+    channel = Channel(mine, conn, loop)
+    loop.add_reader(mine.fileno(), channel._on_readable)
+    sent = [p.Progress(call_id=i, payload=bytes([i]) * 200_000) for i in range(40)]
+    try:
+        done = threading.Event()
+
+        def send_all() -> None:
+            for msg in sent:
+                assert channel.send(msg)
+            done.set()
+
+        threading.Thread(target=send_all, daemon=True).start()
+        assert done.wait(WAIT), "send() waited for the peer to read"
+        assert channel.pending_output > 0  # 8 MB do not fit in the socket
+        reader = p.Connection("worker", name="peer", pid=0, slots=1)
+        reader.state = p.State.OPEN
+        got: list[p.Message] = []
+        peer.settimeout(WAIT)
+        while len(got) < len(sent):
+            reader.receive_data(peer.recv(1 << 20))
+            reader.next_events(got)
+        assert [(m.call_id, m.payload) for m in got] == [(m.call_id, m.payload) for m in sent]
+        for _ in range(100):
+            if channel.pending_output == 0 and channel._write_watch is None:
+                break
+            threading.Event().wait(0.01)
+        assert channel.pending_output == 0
+        assert channel._write_watch is None  # the loop stopped watching once written
+    finally:
+        loop.remove_reader(mine.fileno())
+        peer.close()  # a write still blocked (it must not be) fails instead of hanging
+        loop.run_sync(channel.close)

@@ -1151,6 +1151,21 @@ def test_flood_of_tiny_calls(pools: Callable[..., offload.Pool]) -> None:
     assert pool.stats().failed == 0
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_flood_of_large_arguments_and_results(
+    pools: Callable[..., offload.Pool], start_method: str
+) -> None:
+    """Calls sent ahead to a worker fill its socket while it writes its results back,
+    which fill ours: the loop that reads those results must never wait to write (it did,
+    and the pool hung for good on the first 1 000 calls of 100 kB each way)."""
+    pool = pools(2, start_method=start_method)
+    blob = b"x" * 100_000
+    for _ in range(2):
+        futures = [pool.submit(bytes, blob) for _ in range(1000)]
+        assert all(f.result(60) == blob for f in futures)
+    assert pool.stats().failed == 0
+
+
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 def test_create_crash_shutdown_cycles_leak_nothing(start_method: str, tmp_path: Path) -> None:
     marker_dir = tmp_path / "m"

@@ -525,6 +525,36 @@ def test_2000_connect_close_cycles(plain: Served, tls_server: Served, server: st
     assert_recovers(srv)
 
 
+def _calls_served(srv: Served) -> int:
+    from offload.client.remote import RemoteTarget, query
+
+    target = RemoteTarget.parse(srv.address, srv.token, srv.tls, (5.0, 30.0))
+    _, status, _ = query(target, 5.0, status=True)
+    return int(status["calls_served"])
+
+
+def test_a_client_that_stops_reading_does_not_hold_up_the_server(plain: Served) -> None:
+    """A client sends calls with large results and never reads them: its socket fills,
+    and what it does not take waits in the server for it, while the server goes on
+    serving everyone else. (The server's I/O thread used to block writing to it.)"""
+    payload = pickle.dumps((bytes, (2_000_000,), {}), protocol=5)
+    calls = 20  # 40 MB of results: far more than the sockets between us hold
+    before = _calls_served(plain)
+    with h.RawClient(plain.port) as raw:
+        raw.open(plain.token)
+        for i in range(1, calls + 1):
+            raw.send(
+                p.Call(call_id=i, kind=p.BY_VALUE, timeout=0.0, target="bytes", payload=payload)
+            )
+        deadline = time.monotonic() + 30
+        while _calls_served(plain) < before + calls:  # results made, most not taken
+            assert time.monotonic() < deadline, "the server did not run the calls"
+            time.sleep(0.05)
+        assert_serves(plain)
+        assert_serves(plain)
+    assert_recovers(plain)  # the client left: its queued results are dropped
+
+
 # --------------------------------------------------------------------------- #
 # After authentication: frames are integrity-checked, the framing is hostile-proof
 # --------------------------------------------------------------------------- #

@@ -1,11 +1,17 @@
 """A protocol connection over a stream socket, driven by the I/O loop.
 
 :class:`Channel` is the thin I/O driver around :class:`offload.protocol.Connection`:
-any thread may :meth:`send` (frames are written whole, under a lock, with ``sendmsg`` so
-large buffers are not joined); the loop thread reads, decodes and hands the messages of
-each read to ``on_messages`` as one batch. When the peer closes, breaks the protocol, or
-the socket fails, ``on_close(error)`` runs once on the loop thread (``error`` is None
+any thread may :meth:`send` (frames are written in order, under a lock, with ``sendmsg``
+so large buffers are not joined); the loop thread reads, decodes and hands the messages
+of each read to ``on_messages`` as one batch. When the peer closes, breaks the protocol,
+or the socket fails, ``on_close(error)`` runs once on the loop thread (``error`` is None
 for a clean close).
+
+Writes never block: what the socket does not take at once stays queued, and the loop
+writes it when the socket can take more. A peer that is not reading (a worker busy
+writing its own results back, a client that stopped reading) can thus never hold up the
+thread that writes to it; above all not the loop thread, which reads everyone's results
+(a blocking write there, to a worker blocked writing its results, was a deadlock).
 """
 
 from __future__ import annotations
@@ -74,6 +80,11 @@ class Channel:
         self._read_buf = bytearray(_READ_SIZE)
         self._read_view = memoryview(self._read_buf)
         self._poller: select.poll | None = None  # for waiting threads (see pump)
+        # Output the socket did not take: it waits at the front of the outbox, and the
+        # loop writes it once the socket is writable (_blocked, under the outbox lock;
+        # _write_watch, the loop's writability watch, on the loop thread).
+        self._blocked = False
+        self._write_watch: int | None = None
 
     def start(self, initial: bytes = b"") -> None:
         """Send our Hello and start reading; ``initial`` are bytes already received."""
@@ -145,7 +156,9 @@ class Channel:
         return self.flush()
 
     def flush(self) -> bool:
-        """Write everything queued so far; False if the socket failed."""
+        """Write everything queued so far, without blocking: what the socket does not
+        take now is written by the loop as soon as it can (see the module docstring).
+        False if the socket failed."""
         with self._send_lock:
             with self._outbox_lock:
                 chunks, self._outbox = self._outbox, []
@@ -171,7 +184,7 @@ class Channel:
         views = [memoryview(c).cast("B") for c in chunks]
         try:
             while views:
-                n = self.sock.sendmsg(views[:_IOV_MAX])
+                n = self.sock.sendmsg(views[:_IOV_MAX], (), socket.MSG_DONTWAIT)
                 while n and views:
                     first = views[0]
                     if n >= first.nbytes:
@@ -180,10 +193,50 @@ class Channel:
                     else:
                         views[0] = first[n:]
                         n = 0
+        except BlockingIOError:
+            # The peer is not reading as fast: the rest goes first when the socket can
+            # take more (the loop then writes it; so may the next flush).
+            with self._outbox_lock:
+                self._outbox[0:0] = views
+                watch = not self._blocked
+                self._blocked = True
+            if watch:
+                self.loop.call_soon(self._watch_writable)
         except OSError:
             # The reader sees the same failure as EOF and reports it through on_close.
             return False
         return True
+
+    def _watch_writable(self) -> None:
+        """Start watching for writability while output waits (loop thread)."""
+        if self._closed or self._write_watch is not None:
+            return
+        with self._outbox_lock:
+            if not self._blocked:
+                return  # another flush wrote it meanwhile
+        self._write_watch = self.loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        with self._outbox_lock:
+            self._blocked = False  # a flush that cannot write it all sets it again
+        if not self.flush():
+            self._unwatch_writable()
+            return
+        with self._outbox_lock:
+            if self._blocked:
+                return
+        self._unwatch_writable()
+
+    def _unwatch_writable(self) -> None:
+        watch, self._write_watch = self._write_watch, None
+        if watch is not None:
+            self.loop.remove_writer(watch)
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued and not yet taken by the socket."""
+        with self._outbox_lock:
+            return sum(memoryview(c).nbytes for c in self._outbox)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -304,6 +357,10 @@ class Channel:
             self._reading = False
             if not self.threaded:
                 self.loop.remove_reader(self.sock.fileno())
+        if self.loop.in_loop():
+            self._unwatch_writable()
+        else:
+            self.loop.call_soon(self._unwatch_writable)
         if self.threaded:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread

@@ -159,14 +159,41 @@ class Loop:
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd`` (call before closing it). Idempotent."""
+        self.run_sync(self._unregister, fd)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def add_writer(self, fd: int, callback: Callable[[], Any]) -> int:
+        """Call ``callback()`` on the loop thread whenever ``fd`` can take more output;
+        returns the token for :meth:`remove_writer`. Loop thread only.
+
+        The watch uses a duplicate of ``fd`` of its own, so it leaves a reader of the
+        same fd (and :meth:`suspend_reader`) alone.
+        """
+        watch = os.dup(fd)
+        try:
+            self._selector.register(watch, selectors.EVENT_WRITE, callback)
+        except BaseException:
+            os.close(watch)
+            raise
+        return watch
+
+    def remove_writer(self, token: int) -> None:
+        """Undo :meth:`add_writer` (which returned ``token``). Any thread: from another
+        one it happens soon on the loop thread."""
 
         def unregister() -> None:
-            try:
-                self._selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+            self._unregister(token)
+            os.close(token)
 
-        self.run_sync(unregister)
+        if self.in_loop():
+            unregister()
+        else:
+            self.call_soon(unregister)
 
     def suspend_reader(self, fd: int) -> bool:
         """Stop waking for ``fd`` without unregistering it. Any thread; cheap (one
