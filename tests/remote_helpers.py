@@ -320,9 +320,14 @@ def peer_closed(sock: socket.socket, limit: float) -> tuple[bool, bytes]:
 class RawClient:
     """A client socket driven by hand. Everything it sends is kept in :attr:`sent`."""
 
-    def __init__(self, port: int, *, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, port: int, *, timeout: float = 5.0, tls: Any = None) -> None:
+        """``tls``: an :class:`offload.TLS` to speak TLS (then frames are not sealed)."""
+        sock = socket.create_connection((HOST, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.client_context().wrap_socket(sock, server_hostname=HOST)
+        self.sock = sock
+        self.sealed = tls is None
         self.sent = bytearray()
         self.conn: p.Connection | None = None
 
@@ -355,7 +360,8 @@ class RawClient:
             raise AssertionError("handshake did not finish")
         send_key, receive_key = hs.session_keys()
         self.conn = p.Connection("client", name="raw-client", pid=os.getpid())
-        self.conn.sealer = Sealer(send_key, receive_key)
+        if self.sealed:
+            self.conn.sealer = Sealer(send_key, receive_key)
         if hs.leftover():
             self.conn.receive_data(hs.leftover())
 

@@ -533,26 +533,44 @@ def _calls_served(srv: Served) -> int:
     return int(status["calls_served"])
 
 
-def test_a_client_that_stops_reading_does_not_hold_up_the_server(plain: Served) -> None:
+@pytest.mark.parametrize("server", ["plain", "tls"])
+def test_a_client_that_stops_reading_does_not_hold_up_the_server(
+    plain: Served, tls_server: Served, server: str
+) -> None:
     """A client sends calls with large results and never reads them: its socket fills,
     and what it does not take waits in the server for it, while the server goes on
     serving everyone else. (The server's I/O thread used to block writing to it.)"""
+    srv = plain if server == "plain" else tls_server
     payload = pickle.dumps((bytes, (2_000_000,), {}), protocol=5)
     calls = 20  # 40 MB of results: far more than the sockets between us hold
-    before = _calls_served(plain)
-    with h.RawClient(plain.port) as raw:
-        raw.open(plain.token)
+    before = _calls_served(srv)
+    with h.RawClient(srv.port, tls=srv.tls) as raw:
+        raw.open(srv.token)
         for i in range(1, calls + 1):
             raw.send(
                 p.Call(call_id=i, kind=p.BY_VALUE, timeout=0.0, target="bytes", payload=payload)
             )
         deadline = time.monotonic() + 30
-        while _calls_served(plain) < before + calls:  # results made, most not taken
+        while _calls_served(srv) < before + calls:  # results made, most not taken
             assert time.monotonic() < deadline, "the server did not run the calls"
             time.sleep(0.05)
-        assert_serves(plain)
-        assert_serves(plain)
-    assert_recovers(plain)  # the client left: its queued results are dropped
+        assert_serves(srv)
+        assert_serves(srv)
+    assert_recovers(srv)  # the client left: its queued results are dropped
+
+
+def test_tls_calls_move_large_arguments_and_results_both_ways(tls_server: Served) -> None:
+    """Over TLS, a pool writes calls while its reader takes results, and the server
+    likewise: one TLS object used from several threads, which OpenSSL allows only one
+    at a time (the channel's TLS lock), with writes the socket cannot take retried."""
+    blob = b"x" * 100_000
+    with offload.Pool(
+        hosts=[tls_server.address], token=tls_server.token, tls=tls_server.tls
+    ) as pool:
+        for _ in range(2):
+            futures = [pool.submit(bytes, blob) for _ in range(500)]
+            assert all(f.result(60) == blob for f in futures)
+    assert_recovers(tls_server)
 
 
 # --------------------------------------------------------------------------- #

@@ -12,6 +12,13 @@ writes it when the socket can take more. A peer that is not reading (a worker bu
 writing its own results back, a client that stopped reading) can thus never hold up the
 thread that writes to it; above all not the loop thread, which reads everyone's results
 (a blocking write there, to a worker blocked writing its results, was a deadlock).
+
+TLS connections are read on a thread of their own (a readable socket may hold part of a
+record only). OpenSSL forbids two threads in one connection at once, reading and
+writing included, so every call into the TLS object takes the channel's TLS lock; the
+socket is non-blocking, so none of them waits inside it: the reader waits for input
+with ``select`` outside the lock, and a write the socket cannot take is retried later,
+with the same bytes, as OpenSSL requires.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 _READ_SIZE = 1 << 18
 _IOV_MAX = 512
 _JOIN_LIMIT = 1 << 16  # frames of a write up to this many bytes in all are joined first
+_TLS_PIECE = 1 << 18  # bytes handed to one TLS write
 
 # Threads other than the loop's dispatching messages they read (a waiting thread, see
 # Channel.pump; a TLS connection's reader): the callbacks of the futures they resolve run
@@ -85,9 +93,15 @@ class Channel:
         # _write_watch, the loop's writability watch, on the loop thread).
         self._blocked = False
         self._write_watch: int | None = None
+        # TLS: one call into the TLS object at a time; a write the socket did not take,
+        # to be retried with the same bytes (under the send lock).
+        self._tls_lock = threading.Lock()
+        self._tls_retry: bytes | None = None
 
     def start(self, initial: bytes = b"") -> None:
         """Send our Hello and start reading; ``initial`` are bytes already received."""
+        if self.threaded:
+            self.sock.setblocking(False)  # see the module docstring
         self.write(self.conn.hello())
         self._reading = True
         if self.threaded:
@@ -100,15 +114,29 @@ class Channel:
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _read_thread(self, initial: bytes) -> None:
+        import ssl
+
         if initial:
             self._dispatch(initial)
+        sock = self.sock
         while not self._closed:
             try:
-                n = self.sock.recv_into(self._read_buf)
-            except OSError:
+                with self._tls_lock:
+                    n = sock.recv_into(self._read_buf)
+            except ssl.SSLWantReadError:
+                if _wait_until_ready(sock, write=False):
+                    continue
+                n = 0
+            except ssl.SSLWantWriteError:
+                if _wait_until_ready(sock, write=True):
+                    continue
+                n = 0
+            except (OSError, ValueError):
                 n = 0
             with self._read_lock:
                 self._dispatch(self._read_view[:n] if n else b"")
+            if not n:
+                return
 
     def _dispatch(self, data: bytes | memoryview) -> None:
         """:meth:`_feed` on a thread other than the loop's (see :func:`in_dispatch`)."""
@@ -162,17 +190,13 @@ class Channel:
         with self._send_lock:
             with self._outbox_lock:
                 chunks, self._outbox = self._outbox, []
-            if not chunks:
+            if not chunks and self._tls_retry is None:
                 return not self._closed
             return self._write_locked(chunks)
 
     def _write_locked(self, chunks: list[Any]) -> bool:
-        if self.threaded:  # TLS sockets have no sendmsg
-            try:
-                self.sock.sendall(b"".join(chunks))
-            except OSError:
-                return False
-            return True
+        if self.threaded:
+            return self._write_tls(chunks)
         if len(chunks) > 1:
             size = 0
             for c in chunks:
@@ -196,16 +220,49 @@ class Channel:
         except BlockingIOError:
             # The peer is not reading as fast: the rest goes first when the socket can
             # take more (the loop then writes it; so may the next flush).
-            with self._outbox_lock:
-                self._outbox[0:0] = views
-                watch = not self._blocked
-                self._blocked = True
-            if watch:
-                self.loop.call_soon(self._watch_writable)
+            self._put_back(views)
         except OSError:
             # The reader sees the same failure as EOF and reports it through on_close.
             return False
         return True
+
+    def _write_tls(self, chunks: list[Any]) -> bool:
+        """:meth:`_write_locked` on a TLS socket (TLS sockets have no sendmsg)."""
+        import ssl
+
+        data = memoryview(b"".join(chunks))
+        pos = 0
+        sock = self.sock
+        try:
+            if self._tls_retry is not None:
+                with self._tls_lock:
+                    sock.send(self._tls_retry)
+                self._tls_retry = None
+            while pos < len(data):
+                piece = data[pos : pos + _TLS_PIECE]
+                try:
+                    with self._tls_lock:
+                        n = sock.send(piece)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    self._tls_retry = bytes(piece)  # OpenSSL wants these bytes again
+                    pos += len(piece)
+                    raise
+                pos += n
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            self._put_back([data[pos:]] if pos < len(data) else [])
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _put_back(self, views: list[memoryview]) -> None:
+        """Output the socket did not take: first in line for the loop to write when the
+        socket can take more (send lock held)."""
+        with self._outbox_lock:
+            self._outbox[0:0] = views
+            watch = not self._blocked
+            self._blocked = True
+        if watch:
+            self.loop.call_soon(self._watch_writable)
 
     def _watch_writable(self) -> None:
         """Start watching for writability while output waits (loop thread)."""
@@ -363,7 +420,8 @@ class Channel:
             self.loop.call_soon(self._unwatch_writable)
         if self.threaded:
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+                with self._tls_lock:  # no TLS call under way (shutdown drops the TLS object)
+                    self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
             except OSError:
                 pass
         self.sock.close()
@@ -382,3 +440,15 @@ class Channel:
     def closed(self) -> bool:
         """Whether the channel is closed."""
         return self._closed
+
+
+def _wait_until_ready(sock: socket.socket, *, write: bool) -> bool:
+    """Wait until ``sock`` is readable (or writable); False once it is closed."""
+    try:
+        if write:
+            select.select([], [sock], [])
+        else:
+            select.select([sock], [], [])
+    except (OSError, ValueError):
+        return False
+    return True
