@@ -291,9 +291,11 @@ class Channel:
 
     @property
     def pending_output(self) -> int:
-        """Bytes queued and not yet taken by the socket."""
+        """Bytes queued and not yet taken by the socket (a reading for diagnostics)."""
+        retry = self._tls_retry
         with self._outbox_lock:
-            return sum(memoryview(c).nbytes for c in self._outbox)
+            queued = sum(memoryview(c).nbytes for c in self._outbox)
+        return queued + (len(retry) if retry is not None else 0)
 
     # -- input ---------------------------------------------------------------------------
 
