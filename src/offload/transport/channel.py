@@ -123,12 +123,8 @@ class Channel:
             try:
                 with self._tls_lock:
                     n = sock.recv_into(self._read_buf)
-            except ssl.SSLWantReadError:
-                if _wait_until_ready(sock, write=False):
-                    continue
-                n = 0
-            except ssl.SSLWantWriteError:
-                if _wait_until_ready(sock, write=True):
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                if _wait_until_ready(sock, write=isinstance(exc, ssl.SSLWantWriteError)):
                     continue
                 n = 0
             except (OSError, ValueError):
@@ -447,10 +443,7 @@ class Channel:
 def _wait_until_ready(sock: socket.socket, *, write: bool) -> bool:
     """Wait until ``sock`` is readable (or writable); False once it is closed."""
     try:
-        if write:
-            select.select([], [sock], [])
-        else:
-            select.select([sock], [], [])
+        select.select([] if write else [sock], [sock] if write else [], [])
     except (OSError, ValueError):
         return False
     return True
