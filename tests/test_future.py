@@ -153,3 +153,31 @@ def test_resolution_after_someone_took_the_lock_notifies_them() -> None:
     assert seen == [5]
     assert not fut._resolve_value(6)  # resolved once only
     assert fut.result() == 5
+
+
+def test_no_garbage_collection_runs_while_the_condition_lock_is_held() -> None:
+    """A collection while offload.client.future's module-wide lock is held could run a
+    finalizer needing that lock on the same thread (a dropped ``map`` iterator cancels
+    its futures): a deadlock. Make the collector run at every allocation and look."""
+    import gc
+
+    from offload.client import future as future_module
+
+    seen_locked: list[bool] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            seen_locked.append(future_module._condition_lock.locked())
+
+    old = gc.get_threshold()
+    gc.callbacks.append(callback)
+    try:
+        gc.set_threshold(1, 1, 1)
+        futures = [Future[int]() for _ in range(50)]
+        for fut in futures:
+            fut.add_done_callback(lambda _: None)  # makes each future's condition
+    finally:
+        gc.set_threshold(*old)
+        gc.callbacks.remove(callback)
+    assert seen_locked, "the collector never ran"
+    assert not any(seen_locked), "a garbage collection ran while the lock was held"

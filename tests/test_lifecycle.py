@@ -108,6 +108,14 @@ def parent_died(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list
             line = _read_line(proc, RESOLVE_TIMEOUT)
             pids = [int(x) for x in line.split()]
             assert len(pids) == 3, line
+            if mode != "sigkill":
+                # An exit (normal or by an uncaught exception) waits for the calls
+                # already submitted, as ProcessPoolExecutor does: the busy call sleeps,
+                # so the parent is still there. Its worker dying ends the call (it fails
+                # with WorkerCrashed) and lets the exit go on.
+                with pytest.raises(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.5)
+                crashes.kill_quietly(pids[0])
             _, err = proc.communicate(timeout=RESOLVE_TIMEOUT)
             if mode == "sigkill":
                 assert proc.returncode == -signal.SIGKILL

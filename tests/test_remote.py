@@ -12,6 +12,7 @@ and wait for a release file (bounded), so the tests synchronise on files, never 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -480,15 +481,17 @@ def test_inline_server_kills_a_call_still_waiting_for_a_thread(
     serve: ServeFactory, token: str, tmp_path: Path
 ) -> None:
     """With ``--isolation inline`` a call that waits for the server's only thread can be
-    killed (a running one cannot); the server then forgets it and drains cleanly."""
+    withdrawn (a running one cannot be killed); the server then forgets it and drains
+    cleanly."""
     server = serve("127.0.0.1:0", "--isolation", "inline", "--drain-timeout", "5", workers=1)
     release = tmp_path / "release"
     with offload.connect(server.address, token=token) as w, released(release):
         first = w.submit(rt.hold, str(tmp_path / "pid"), str(release))
         assert read_pid(tmp_path / "pid") == server.pid  # it holds the only thread
         second = w.submit(rt.add, 1, 2)  # sent ahead to the server, where it waits
+        assert not second.running()  # it has not started: killing it cancels it
         assert second.kill() is True
-        with pytest.raises(offload.WorkerKilled):
+        with pytest.raises(concurrent.futures.CancelledError):
             second.result(WAIT)
         release.touch()
         assert first.result(WAIT) == server.pid

@@ -230,12 +230,13 @@ def test_calls_go_only_to_ready_slots_fifo_and_batched() -> None:
     assert d.queue() == (5,)
     assert d.outstanding(0) == (3, 4)
     assert d.outstanding(1) == (1, 2)
-    assert d.s.counts() == Counts(busy=2, idle=0, starting=0, queued=1, running=2)
+    # Queued: 5 in the parent, and 2 and 4 sent ahead (their workers run 1 and 3).
+    assert d.s.counts() == Counts(busy=2, idle=0, starting=0, queued=3, running=2)
     assert d.s.slot_of(1) == (1, 1)
     assert d.s.slot_of(5) is None
     # A result frees one place: the next queued call goes there.
     assert d.result(1) == [SendCalls(1, 1, (5,))]
-    assert d.s.counts() == Counts(busy=2, idle=0, starting=0, queued=0, running=2)
+    assert d.s.counts() == Counts(busy=2, idle=0, starting=0, queued=2, running=2)
 
 
 def test_outstanding_limit_is_concurrency_plus_prefetch() -> None:
@@ -243,7 +244,7 @@ def test_outstanding_limit_is_concurrency_plus_prefetch() -> None:
     d.start()
     d.submit(*range(1, 7))
     assert d.ready() == [SendCalls(0, 1, (1, 2, 3))]
-    assert d.s.counts() == Counts(busy=1, idle=0, starting=0, queued=3, running=2)
+    assert d.s.counts() == Counts(busy=1, idle=0, starting=0, queued=4, running=2)
     assert d.result(2) == [SendCalls(0, 1, (4,))]
     assert d.outstanding() == (1, 3, 4)
     assert d.result(1) == [SendCalls(0, 1, (5,))]
@@ -845,7 +846,7 @@ def test_max_tasks_retires_then_replaces_the_process() -> None:
     assert d.submit(2) == [SendCalls(0, 1, (2,))]
     assert d.state() is RETIRING  # two calls sent to this process
     assert d.submit(3) == []  # a retiring slot gets no more calls
-    assert d.s.counts() == Counts(busy=1, idle=0, starting=0, queued=1, running=1)
+    assert d.s.counts() == Counts(busy=1, idle=0, starting=0, queued=2, running=1)
     assert d.result(1) == []
     assert d.result(2) == [StopWorker(0, 1), StartWorker(0, 3)]
     assert d.ready() == [SendCalls(0, 3, (3,))]
@@ -1203,8 +1204,8 @@ def test_counts_track_slot_states() -> None:
     d.start_failed(2)
     assert d.s.counts() == Counts(busy=0, idle=2, starting=2, queued=0, running=0)
     d.submit(1, 2, 3, 4, 5, 6, 7)
-    # slot 0: 1, 3, 5 -> 2 running; slot 1: 2, 4, 6 -> 2 running; 7 queued
-    assert d.s.counts() == Counts(busy=2, idle=0, starting=2, queued=1, running=4)
+    # slot 0: 1, 3, 5 -> 2 running; slot 1: 2, 4, 6 -> 2 running; 5, 6 sent ahead, 7 queued
+    assert d.s.counts() == Counts(busy=2, idle=0, starting=2, queued=3, running=4)
     assert not d.s.idle()
 
 
@@ -1540,7 +1541,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             busy=sum(1 for x in live if x.outstanding),
             idle=sum(1 for x in live if not x.outstanding),
             starting=len(self.slots_in(STARTING, BACKOFF)),
-            queued=len(queue),
+            queued=len(queue) + sum(max(0, len(x.outstanding) - x.capacity) for x in live),
             running=sum(min(len(x.outstanding), x.capacity) for x in live),
         )
         assert s.idle() == (not s.calls)

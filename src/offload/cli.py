@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from offload.errors import OffloadError
 
@@ -30,23 +31,40 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA bundle: verify the peer's certificate")
 
 
+def _log_warnings_to_stderr() -> None:
+    """``offload serve`` is a program, not a library: its warnings (out of file
+    descriptors, a client refused at the connection limit, a worker that crashed) go to
+    stderr. The library's own logger stays silent unless configured."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # messages say "offload: "
+    logging.getLogger("offload").addHandler(handler)
+
+
 def serve(args: argparse.Namespace) -> int:
+    from offload.client.options import check_server_args
     from offload.server.server import Server, serve_until_signalled, server_token
     from offload.transport.net import parse_address
 
+    settings: dict[str, Any] = {
+        "tls": _tls_from(args),
+        "workers": args.workers,
+        "preload": tuple(args.preload or ()),
+        "isolation": args.isolation,
+        "max_connections": args.max_connections,
+        "max_unauthenticated": args.max_unauthenticated,
+        "max_unauthenticated_per_source": args.max_unauthenticated_per_source,
+        "handshake_timeout": args.handshake_timeout,
+    }
+    if args.busy_poll is not None:
+        settings["busy_poll"] = args.busy_poll
+    # Checked before server_token(), which may write a token file.
+    check_server_args(listen=args.listen, drain_timeout=args.drain_timeout, **settings)
+    _log_warnings_to_stderr()
     token = server_token(parse_address(args.listen), args.token_file)
-    server = Server(
-        args.listen,
-        token=token,
-        tls=_tls_from(args),  # type: ignore[arg-type]
-        workers=args.workers,
-        preload=tuple(args.preload or ()),
-        isolation=args.isolation,
-        max_connections=args.max_connections,
-        max_unauthenticated=args.max_unauthenticated,
-        handshake_timeout=args.handshake_timeout,
-        **({} if args.busy_poll is None else {"busy_poll": args.busy_poll}),
-    )
+    server = Server(args.listen, token=token, **settings)
     return serve_until_signalled(server, args.drain_timeout)
 
 
@@ -90,12 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--workers", type=int, default=None, help="calls run at once")
     p_serve.add_argument("--preload", nargs="*", help="modules the workers import at start")
     p_serve.add_argument("--isolation", choices=("pool", "process", "inline"), default="pool")
-    p_serve.add_argument("--max-connections", type=int, default=64)
+    p_serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="authenticated clients at once (past it, a client is told the server is full)",
+    )
     p_serve.add_argument(
         "--max-unauthenticated",
         type=int,
         default=128,
-        help="connections in their handshake at once (past it, the oldest is dropped)",
+        help=(
+            "connections in their handshake at once (past it, the one that got least far "
+            "is dropped, the oldest first)"
+        ),
+    )
+    p_serve.add_argument(
+        "--max-unauthenticated-per-source",
+        type=int,
+        default=32,
+        help="of those, from one IPv4 address, IPv6 /64, or Unix socket (default 32)",
     )
     p_serve.add_argument(
         "--handshake-timeout",

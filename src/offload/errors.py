@@ -308,10 +308,37 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
+class UnknownExitStatus(int):
+    """The exit status of a process that nobody could collect: the program ignores
+    SIGCHLD (``signal.signal(SIGCHLD, SIG_IGN)``), so the kernel reaped the process
+    itself and dropped its status. An ``int`` (255, the largest status: never mistaken
+    for a clean exit) whose ``str()`` is ``"unknown"``."""
+
+    def __new__(cls, value: int = 255) -> UnknownExitStatus:
+        return super().__new__(cls, value)
+
+    def __str__(self) -> str:
+        return "unknown"
+
+    def __repr__(self) -> str:
+        return "UnknownExitStatus()"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+UNKNOWN_STATUS_CAUSE = (
+    "its exit status is lost: this program ignores SIGCHLD (SIG_IGN), so the kernel "
+    "reaped the worker before offload could"
+)
+
+
 def describe_exit(exitcode: int | None) -> tuple[str | None, CrashReason]:
     """Turn a ``Popen.returncode``-style status into (signal name, reason)."""
     import signal as _signal
 
+    if isinstance(exitcode, UnknownExitStatus):
+        return None, "exit"
     if exitcode is not None and exitcode < 0:
         try:
             return _signal.Signals(-exitcode).name, "signal"
@@ -332,6 +359,8 @@ def likely_cause(signal_name: str | None, exitcode: int | None) -> str:
         return "a bus error (memory-mapped file truncated?)"
     if signal_name == "SIGTERM":
         return "terminated from outside"
+    if isinstance(exitcode, UnknownExitStatus):
+        return UNKNOWN_STATUS_CAUSE
     if exitcode is not None and exitcode >= 0:
         return "the process exited (os._exit or sys.exit outside a task?)"
     return ""

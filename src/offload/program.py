@@ -85,12 +85,18 @@ def init(
         from offload.worker.runtime import run_worker
 
         run_worker()
+    from offload.client.options import check_init_args, parse_port
+
+    check_init_args(host, port, server, token_file)
     args = _take_options(sys.argv if argv is None else argv)
     env = os.environ
     host = host or str(args.get("host") or env.get("OFFLOAD_HOST") or "") or None
     if port is None:
-        port_text = str(args.get("port") or env.get("OFFLOAD_PORT") or "")
-        port = int(port_text) if port_text else 1111
+        port_text = str(args.get("port") or "")
+        option = "--offload-port"
+        if not port_text:
+            port_text, option = env.get("OFFLOAD_PORT") or "", "OFFLOAD_PORT"
+        port = parse_port(option, port_text) if port_text else 1111
     if server is None:
         server = bool(args.get("server")) or env.get("OFFLOAD_SERVER", "") not in ("", "0")
     token_file = token_file or str(args.get("token_file") or "") or None

@@ -194,6 +194,12 @@ def lookup(name: str) -> Task[Any, Any] | None:
     return _registry.get(name)
 
 
+def registered_task(name: str) -> Task[Any, Any] | None:
+    """The task registered under ``name`` in this process, without importing anything
+    (None if there is none)."""
+    return _registry.get(name)
+
+
 def registered() -> list[str]:
     """Names of every task registered in this process."""
     return sorted(_registry)

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,9 +50,9 @@ from offload.errors import (
     describe_exit,
     likely_cause,
 )
-from offload.process.child import ChildProcess, LaunchSpec, launch
+from offload.process.child import KILL_GRACE, ChildProcess, LaunchSpec, launch
 from offload.serde import culprit, dumps, function_reference, loads, type_name
-from offload.transport.channel import Channel
+from offload.transport.channel import Channel, in_dispatch
 from offload.transport.loop import Loop, Timer, get_loop
 
 if TYPE_CHECKING:
@@ -64,6 +65,13 @@ log.addHandler(logging.NullHandler())  # a library stays quiet unless configured
 # loop thread: long enough for a short call's answer, short enough that a result
 # resolved another way (timeout, kill) is noticed without delay worth measuring.
 PUMP_WINDOW = 0.002
+# After the kill grace, how long an abort waits for killed processes to be reported
+# gone (a pidfd fires at once; this only bounds a process that cannot be reaped).
+ABORT_MARGIN = 5.0
+# Pickled arguments of the calls waiting in the parent's queue, in bytes, beyond which
+# submit() waits for calls to go out to workers: a flood of submissions of large
+# arguments must not hold them all in memory at once (a single call always gets in).
+MAX_QUEUED_BYTES = 64 << 20
 _call_ids = itertools.count(1)
 
 
@@ -101,6 +109,7 @@ class CallRecord(CallEntry):
     # Result message itself, never unpickled here, or the error the call failed with;
     # progress goes to it as is. The future stays pending (nobody waits on it).
     sink: RawSink | None = None
+    queued_bytes: int = 0  # what it counts in Engine.queued_bytes while in the parent's queue
     started: bool = False  # its future is RUNNING (it stays so when the call is requeued)
 
     def fields(self) -> CallFields:
@@ -232,6 +241,7 @@ class WorkerProcess:
         self.expected_exit = False  # stopped or killed on purpose
         self.kill_reason = ""
         self.protocol_error: BaseException | None = None
+        self.internal_error: BaseException | None = None  # offload failed, not the worker
         self.channel_closed = False
         self._timers: list[Timer] = []
         self._last_seen = 0.0
@@ -275,16 +285,22 @@ class WorkerProcess:
             return
         if self.expected_exit:  # killed while it was being launched
             self.child.terminate()
-        conn = p.Connection(
-            "client",
-            name=self.engine.label,
-            pid=os.getpid(),
-            max_message_size=opts.max_message_size,
-        )
-        self.channel = Channel(sock, conn, self.loop)
-        self.channel.on_messages = self._on_messages
-        self.channel.on_close = self._on_channel_close
-        self.channel.start()
+        try:
+            conn = p.Connection(
+                "client",
+                name=self.engine.label,
+                pid=os.getpid(),
+                max_message_size=opts.max_message_size,
+            )
+            self.channel = Channel(sock, conn, self.loop)
+            self.channel.on_messages = self._on_messages
+            self.channel.on_close = self._on_channel_close
+            self.channel.start()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the start failed
+            if self.channel is None:
+                sock.close()
+            self._fail_start(f"worker {self.name} could not be set up: {type_name(exc)}: {exc}")
+            return
         self._timers.append(self.loop.call_later(opts.start_timeout, self._start_timed_out))
         log.info("offload: started worker %s (pid %s)", self.name, self.child.pid)
 
@@ -323,6 +339,18 @@ class WorkerProcess:
     # -- messages ------------------------------------------------------------------------
 
     def _on_messages(self, msgs: list[p.Message]) -> None:
+        try:
+            self._handle_messages(msgs)
+        except Exception as exc:  # an error here must not strand futures
+            # A defect on this side (a callback of ours, not the user's: theirs are
+            # caught where they run). Nothing can tell which of the worker's calls it
+            # concerned any more, so the worker goes, and its calls fail typed.
+            log.exception("offload: handling the messages of worker %s failed", self.name)
+            if self.internal_error is None:
+                self.internal_error = exc
+                self.engine.worker_failed(self, "disconnected", self._exit_detail(None))
+
+    def _handle_messages(self, msgs: list[p.Message]) -> None:
         self._last_seen = self.loop.clock()
         results: list[p.Result] = []
         for msg in msgs:
@@ -475,6 +503,16 @@ class WorkerProcess:
         if self.child is not None:
             self.child.terminate()
 
+    def _exit_detail(self, child: ChildProcess | None) -> str:
+        if self.protocol_error is not None:
+            return f"it broke the protocol ({self.protocol_error})"
+        if self.internal_error is not None:
+            exc = self.internal_error
+            return (
+                f"was killed because offload failed handling its messages ({type_name(exc)}: {exc})"
+            )
+        return child.exit_note if child is not None else ""
+
     def _on_exit(self, child: ChildProcess) -> None:
         for timer in self._timers:
             timer.cancel()
@@ -490,7 +528,7 @@ class WorkerProcess:
             signal=signal_name,
             reason=reason,
             stderr_tail=child.stderr_tail(),
-            detail=f"it broke the protocol ({self.protocol_error})" if self.protocol_error else "",
+            detail=self._exit_detail(child),
         )
         log_fn = log.info if self.expected_exit else log.warning
         log_fn(
@@ -560,6 +598,15 @@ class Engine:
         self._claimed: Channel | None = None  # channel that submitter now reads
         self._unflushed: list[SlotProcess] = []  # calls queued on them, not yet written
         self._last_start_error: dict[int, OffloadError] = {}
+        self._drain_waiters = 0  # threads in wait_calls (lock held to change)
+        self.queued_bytes = 0  # pickled arguments of queued calls (see MAX_QUEUED_BYTES)
+        self._room = threading.Condition(self.lock)  # queued_bytes went down
+        self._room_waiters = 0
+        # The process that made this engine: its workers, sockets and threads exist
+        # only there. A forked child that inherited the object must not touch them.
+        self.owner_pid = os.getpid()
+        self._forks = _forks  # how many forks deep this process is (see owned_here)
+        _live_engines.add(self)
 
     def __repr__(self) -> str:
         counts = self.scheduler.counts()
@@ -651,6 +698,7 @@ class Engine:
             fn=fn,
             args=args,
             kwargs=kwargs,
+            queued_bytes=size,
         )
         self._schedule_new(record, wait=wait)
         return future
@@ -703,9 +751,13 @@ class Engine:
         future = record.future
         future._owner = self
         future._call_id = record.call_id
+        self.check_owner()
         with self.lock:
+            if record.queued_bytes:
+                self._wait_for_room(record.queued_bytes)
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
+            self.queued_bytes += record.queued_bytes
             self.records[record.call_id] = record
             self._waiting_call = record.call_id if wait else 0
             deferred = self._apply(self.scheduler.submit_entry(record, self.loop.clock()))
@@ -714,42 +766,100 @@ class Engine:
         if claimed is not None:
             claimed.pump_claimed(future.done, PUMP_WINDOW)
 
+    def _wait_for_room(self, size: int) -> None:
+        """Wait (lock held) until a call of ``size`` bytes fits under MAX_QUEUED_BYTES.
+        Never where waiting could block the delivery of the results that make room (on
+        the I/O thread, in a callback): there the call goes over the limit."""
+        while (
+            self.queued_bytes
+            and self.queued_bytes + size > MAX_QUEUED_BYTES
+            and not self.scheduler.closed
+            and not in_dispatch()
+        ):
+            self._room_waiters += 1
+            try:
+                self._room.wait()
+            finally:
+                self._room_waiters -= 1
+
+    def _unqueue(self, record: CallRecord) -> None:
+        """``record`` left the parent's queue (sent, resolved or cancelled; lock held)."""
+        self.queued_bytes -= record.queued_bytes
+        record.queued_bytes = 0
+        if self._room_waiters:
+            self._room.notify_all()
+
     def cancel(self, call_id: int) -> bool:
-        """Drop a queued call; False once it was sent to a worker."""
+        """Drop a call that has not started: queued here, or sent ahead to a worker (which
+        is told to skip it). False once its worker started it. The caller (the future)
+        marks itself cancelled."""
+        self.check_owner()
         with self.lock:
             if not self.scheduler.cancel(call_id):
-                return False
-            self.records.pop(call_id, None)
+                actions = self.scheduler.withdraw(call_id, self.loop.clock())
+                if actions is None:
+                    return False
+                # The call's own Resolve is the caller's to carry out.
+                deferred = self._apply(
+                    [a for a in actions if not (isinstance(a, Resolve) and a.call_id == call_id)]
+                )
+            else:
+                deferred = []
+            record = self.records.pop(call_id, None)
+            if record is not None and record.queued_bytes:
+                self._unqueue(record)
+            self._note_drained()
+        self._resolve(deferred)
         return True
 
     def kill_call(self, call_id: int) -> bool:
         """Kill the worker running ``call_id``; the call fails with WorkerKilled."""
+        self.check_owner()
         with self.lock:
             if call_id not in self.records:
                 return False
             deferred = self._apply(self.scheduler.kill_call(call_id, self.loop.clock()))
+            self._promote_all()
         self._resolve(deferred)
         return True
 
     def kill_all(self) -> None:
         """Kill every worker now; running calls fail with WorkerKilled."""
+        self.check_owner()
         with self.lock:
             deferred = self._apply(self.scheduler.kill_all(self.loop.clock()))
         self._resolve(deferred)
 
     def shutdown(self, *, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
-        """Stop accepting calls; let workers finish (or kill them after ``timeout``)."""
+        """Stop accepting calls; let workers finish (or kill them after ``timeout``).
+
+        In a forked child that inherited this engine it does nothing: the workers are
+        the parent's, and so is shutting them down."""
+        if not self.owned_here():
+            return
         with self.lock:
             deferred = self._apply(self.scheduler.shutdown(cancel_futures, self.loop.clock()))
+            if self._room_waiters:
+                self._room.notify_all()  # their submit() raises: shut down
         self._resolve(deferred)
         if not wait:
             return
         if not self.wait_idle(timeout):
-            self.kill_all()
-            with self.lock:
-                for proc in list(self.procs.values()):
-                    proc.kill("shutdown")
-            self.wait_idle(None)
+            self.abort()
+
+    def abort(self) -> None:
+        """End everything now: queued calls are cancelled, running ones fail with
+        WorkerKilled, every process (also those stopping gracefully) is killed, and no
+        process starts again. Returns once they have exited (SIGTERM, the kill grace,
+        then SIGKILL), or, should one never be reported gone, after a bound."""
+        with self.lock:
+            deferred = self._apply(self.scheduler.abort(self.loop.clock()))
+            procs = list(self.procs.values())
+        self._resolve(deferred)
+        for proc in procs:
+            proc.kill("shutdown")
+        if not self.wait_idle(KILL_GRACE + ABORT_MARGIN):
+            log.warning("offload: %r did not see every worker exit after killing it", self)
 
     def shutdown_dropped(self, cancel_futures: bool) -> None:
         """:meth:`shutdown` without waiting, for the finalizer of a handle or pool
@@ -762,6 +872,8 @@ class Engine:
         interpreter exit (the main thread has stopped, nothing of offload runs on it) it
         happens here.
         """
+        if not self.owned_here():
+            return  # inherited through fork: the parent's to shut down
         if threading.main_thread().is_alive():
             self.loop.call_soon_from_anywhere(self._shutdown_nowait, cancel_futures)
         else:
@@ -770,10 +882,54 @@ class Engine:
     def _shutdown_nowait(self, cancel_futures: bool) -> None:
         self.shutdown(wait=False, cancel_futures=cancel_futures, timeout=None)
 
+    def owned_here(self) -> bool:
+        """Whether this process made the engine (False in a forked child). Reads a
+        counter that every fork's child increments, not the pid: no system call on the
+        path of each submission."""
+        return self._forks == _forks
+
+    def check_owner(self) -> None:
+        """Raise unless this process made the engine.
+
+        Raises:
+            RuntimeError: called in a process forked from the one that made it.
+        """
+        if self._forks != _forks:
+            raise RuntimeError(
+                f"{self.label or 'this offload object'} was made in process {self.owner_pid}, "
+                f"the parent of this forked process ({os.getpid()}); its workers belong to "
+                "the parent and cannot be used here: make a new offload.Pool or "
+                "offload.spawn() in the child"
+            )
+
+    def _note_drained(self) -> None:
+        """Calls were removed from ``records`` (lock held): wake :meth:`wait_calls`."""
+        if self._drain_waiters and not self.records:
+            self.exited.notify_all()
+
+    def wait_calls(self, timeout: float | None) -> bool:
+        """Wait until every call submitted so far has resolved (the workers stay)."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.exited:
+            self._drain_waiters += 1
+            try:
+                while self.records:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self.exited.wait(remaining)
+            finally:
+                self._drain_waiters -= 1
+        return True
+
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no call is pending and every process has exited."""
         import time
 
+        if not self.owned_here():
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.exited:
             while self.records or self.procs:
@@ -846,6 +1002,7 @@ class Engine:
             if not expected:
                 proc.flush()
                 return
+            self._note_drained()
             deferred = self._apply(
                 self.scheduler.results(
                     proc.slot,
@@ -854,6 +1011,7 @@ class Engine:
                     self.loop.clock(),
                 )
             )
+            self._promote(proc.slot)
         proc.flush()  # the calls waiting for this worker's results
         self._flush()  # and those just sent to any worker, before the results
         sinks: set[RawSink] = set()
@@ -990,6 +1148,7 @@ class Engine:
             self._timer = None
             self._timer_at = None
             deferred = self._apply(self.scheduler.tick(self.loop.clock()))
+            self._promote_all()  # a remote call that timed out makes room for the next
             self._arm_timer()  # for the deadlines still ahead
         self._resolve(deferred)
 
@@ -1008,9 +1167,14 @@ class Engine:
                     # pipelines are left to the loop, which reads their results in batches.
                     shallow = len(slot_state.outstanding) - len(call_ids) < 2 * slot_state.capacity
                     messages = []
+                    calls = self.scheduler.calls
                     for call_id in call_ids:
                         record = self.records[call_id]
-                        if not record.started:  # a requeued call is running already
+                        if record.queued_bytes:
+                            self._unqueue(record)
+                        # Running once its worker starts it (the first calls of its
+                        # pipeline), not when it is sent ahead; see _promote.
+                        if not record.started and calls[call_id].started_at is not None:
                             record.started = True
                             record.future._set_running()
                         if proc is not None and shallow:
@@ -1060,6 +1224,23 @@ class Engine:
             self._arm_timer()
         return deferred
 
+    def _promote(self, slot_index: int) -> None:
+        """Mark running the calls a worker has started since they were sent ahead to it
+        (the first ``capacity`` of its outstanding calls; lock held)."""
+        slot = self.scheduler.slots[slot_index]
+        records = self.records
+        for i, call_id in enumerate(slot.outstanding):
+            if i >= slot.capacity:
+                break
+            record = records.get(call_id)
+            if record is not None and not record.started:
+                record.started = True
+                record.future._set_running()
+
+    def _promote_all(self) -> None:
+        for index in range(len(self.scheduler.slots)):
+            self._promote(index)
+
     def _arm_timer(self) -> None:
         when = self.scheduler.next_wakeup()
         if when is None or (self._timer_at is not None and self._timer_at <= when):
@@ -1085,6 +1266,9 @@ class Engine:
         for res in resolutions:
             with self.lock:
                 record = self.records.pop(res.call_id, None)
+                if record is not None and record.queued_bytes:
+                    self._unqueue(record)
+                self._note_drained()
             if record is None:
                 continue
             sink = record.sink
@@ -1092,7 +1276,7 @@ class Engine:
                 if sink is not None:
                     sink.call_done(res.call_id, concurrent.futures.CancelledError())
                 else:
-                    concurrent.futures.Future.cancel(record.future)
+                    record.future._cancel_now(force=True)
                 continue
             self.stats_failed += 1
             error = self._error_for(record, res)
@@ -1253,3 +1437,53 @@ def clone_error(err: OffloadError) -> OffloadError:
     rebuild, args = err.__reduce__()[:2]
     copy: OffloadError = rebuild(*args)
     return copy
+
+
+# -- interpreter exit --------------------------------------------------------------------
+
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_forks = 0  # forks between the interpreter's start and this process
+# At exit, how long the workers of each engine get to exit after its calls are done.
+EXIT_STOP_TIMEOUT = 5.0
+
+
+def _finish_at_exit() -> None:
+    """At interpreter exit, every call already submitted runs to completion (as with
+    ``ProcessPoolExecutor``), its done-callbacks run, then the workers stop.
+
+    Runs from ``threading._shutdown`` (before ``atexit`` and before daemon threads such
+    as the I/O loop are frozen), so results still arrive. A pool or handle that was
+    never shut down, a ``delegate()`` call, a ``shutdown(wait=False)``: nothing
+    submitted vanishes. Ctrl-C while waiting kills what still runs.
+    """
+    engines = [engine for engine in list(_live_engines) if engine.owned_here()]
+    if not engines:
+        return
+    try:
+        for engine in engines:
+            engine.wait_calls(None)
+        for engine in engines:
+            engine.shutdown(wait=True, cancel_futures=False, timeout=EXIT_STOP_TIMEOUT)
+    except BaseException:
+        for engine in engines:
+            engine.abort()
+        raise
+    # The loop thread may still be running the last done-callbacks: wait for it.
+    loop = engines[0].loop
+    if not loop.in_loop():
+        try:
+            loop.run_sync(lambda: None)
+        except Exception:  # noqa: BLE001 - a loop that is gone has nothing left to run
+            pass
+
+
+def _forget_engines_in_child() -> None:
+    # A forked child's inherited engines are the parent's: none of them is waited for
+    # at the child's exit, and none of them may be used there.
+    global _live_engines, _forks
+    _live_engines = weakref.WeakSet()
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]

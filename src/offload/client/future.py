@@ -77,6 +77,7 @@ class CallOwner(Protocol):
 
     def cancel(self, call_id: int) -> bool: ...
     def kill_call(self, call_id: int) -> bool: ...
+    def check_owner(self) -> None: ...
 
 
 class _FutureCondition(threading.Condition):
@@ -115,6 +116,10 @@ def _base_future_fields() -> set[str]:
 _PENDING = concurrent.futures._base.PENDING
 _RUNNING = concurrent.futures._base.RUNNING
 _FINISHED = concurrent.futures._base.FINISHED
+_CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
+_CANCELLED_STATES = frozenset(
+    {concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED}
+)
 _DONE = frozenset(
     {
         concurrent.futures._base.CANCELLED,
@@ -190,12 +195,19 @@ class Future(concurrent.futures.Future[T]):
         """
         cond = self._cond
         if cond is None:
+            # Allocate before taking the module-wide lock, never while holding it: any
+            # allocation may run the garbage collector, and with it a finalizer (an
+            # abandoned map's generator cancelling its futures) that needs this very
+            # lock on this very thread. Under the lock only existing fields change.
+            new_cond = _FutureCondition()
+            waiters: list[Any] = []
+            callbacks: list[Any] = []
             with _condition_lock:
                 cond = self._cond
                 if cond is None:
-                    self._waiters = []
-                    self._done_callbacks = []
-                    cond = self._cond = _FutureCondition()
+                    self._waiters = waiters
+                    self._done_callbacks = callbacks
+                    cond = self._cond = new_cond
         return cond
 
     @_condition.setter
@@ -253,6 +265,9 @@ class Future(concurrent.futures.Future[T]):
                 "I/O thread, or one reading its own answer); hand the wait to a thread "
                 "of your own"
             )
+        owner = self._owner
+        if owner is not None:
+            owner.check_owner()  # inherited through fork: it would never resolve here
         pump = self._pump
         if pump is not None:
             pump.pump(self)
@@ -266,7 +281,29 @@ class Future(concurrent.futures.Future[T]):
         owner = self._owner
         if owner is not None and not self.done() and not owner.cancel(self._call_id):
             return False
-        return super().cancel()
+        return self._cancel_now()
+
+    def _cancel_now(self, *, force: bool = False) -> bool:
+        """Cancel, and tell those waiting in ``concurrent.futures.wait`` or
+        ``as_completed`` too (``concurrent.futures.Future.cancel`` leaves that to an
+        executor's later ``set_running_or_notify_cancel``, which nobody calls here: they
+        would wait for their timeout). ``force`` also cancels a call marked running that
+        never started on its worker (one sent ahead, dropped at shutdown)."""
+        with self._condition:
+            state = self._state
+            if state == _FINISHED:
+                return False
+            if state in _CANCELLED_STATES:
+                return True
+            if state == _RUNNING and not force:
+                return False
+            self._pump = None
+            self._state = _CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
 
     # -- killing -------------------------------------------------------------------------
 

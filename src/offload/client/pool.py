@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
-import os
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from offload.client.engine import Engine
 from offload.client.future import Future
-from offload.client.options import make_options, next_worker_name
+from offload.client.options import check_pool_args, make_options, next_worker_name
 from offload.client.remote import RemoteTarget
 from offload.client.worker import Submitter, call_settings
 from offload.errors import RemoteError, RemoteTraceback
@@ -82,8 +81,10 @@ class Pool(Submitter, concurrent.futures.Executor):
     then its workers exit.
 
     Raises:
-        ValueError, TypeError: an invalid option.
-        AuthenticationError: hosts given but no token.
+        TypeError: an option of the wrong type, e.g. ``Pool("2")`` or ``name=123``.
+        ValueError: an option with a bad value, e.g. ``workers=-1`` or
+            ``concurrency=0``; every option is checked here, before any process starts.
+        AuthenticationError: hosts given but no token, or a token shorter than 32 bytes.
     """
 
     def __init__(
@@ -95,11 +96,7 @@ class Pool(Submitter, concurrent.futures.Executor):
         tls: TLS | None = None,
         **options: Any,
     ) -> None:
-        host_list = list(hosts or ())
-        if workers is None:
-            workers = 0 if host_list else (os.cpu_count() or 1)
-        if workers < 0 or workers + len(host_list) < 1:
-            raise ValueError(f"a pool needs at least one worker or host (workers={workers})")
+        workers, host_list = check_pool_args(workers, hosts, token, tls, options.get("where"))
         opts = make_options(**options)
         targets = [RemoteTarget.parse(h, token, tls, opts.heartbeat) for h in host_list]
         self.name = opts.name or f"offload-pool-{next(_pool_ids)}"
@@ -224,8 +221,13 @@ class Pool(Submitter, concurrent.futures.Executor):
     # -- state -------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        """Workers busy/idle/starting, calls queued/running/done/failed, restarts."""
+        """Workers busy/idle/starting, calls queued/running/done/failed, restarts.
+
+        Raises:
+            RuntimeError: in a process forked from the one that made the pool.
+        """
         engine = self._engine
+        engine.check_owner()
         with engine.lock:
             counts = engine.scheduler.counts()
         return PoolStats(
@@ -241,7 +243,12 @@ class Pool(Submitter, concurrent.futures.Executor):
         )
 
     def worker_pids(self) -> list[int]:
-        """The pids of the live local workers."""
+        """The pids of the live local workers.
+
+        Raises:
+            RuntimeError: in a process forked from the one that made the pool.
+        """
+        self._engine.check_owner()
         with self._engine.lock:
             procs = list(self._engine.current.values())
         return [
@@ -303,6 +310,8 @@ class Pool(Submitter, concurrent.futures.Executor):
         )
 
     def __repr__(self) -> str:
+        if not self._engine.owned_here():
+            return f"<Pool {self.name} inherited from process {self._engine.owner_pid}: unusable>"
         s = self.stats()
         state = " shutdown" if self._engine.scheduler.closed else ""
         return (

@@ -26,7 +26,10 @@ from offload.transport.loop import Timer
 from offload.transport.net import TLS, Address, client_handshake, connect, parse_address
 
 if TYPE_CHECKING:
+    import socket
+
     from offload.client.engine import Engine
+    from offload.protocol.auth import Sealer
     from offload.protocol.messages import CallFields
 
 DEFAULT_HEARTBEAT = (5.0, 30.0)
@@ -36,10 +39,14 @@ TOKEN_FILE_ENV = "OFFLOAD_TOKEN_FILE"
 
 def resolve_token(token: bytes | str | None) -> bytes:
     """The token to use: the argument, else ``OFFLOAD_TOKEN``, else the file named by
-    ``OFFLOAD_TOKEN_FILE``. Text tokens are used as their UTF-8 bytes, stripped.
+    ``OFFLOAD_TOKEN_FILE``, read by the one rule both sides apply
+    (:func:`~offload.protocol.auth.check_token`): a text token without the white space
+    around it (``open(path, "rb").read()`` of a token file works as is, newline and
+    all), a binary token byte for byte.
 
     Raises:
-        AuthenticationError: no token anywhere, or one shorter than 32 bytes.
+        AuthenticationError: no token anywhere, one shorter than 32 bytes, or a token
+            file that others may read or write.
     """
     from offload.protocol.auth import check_token
 
@@ -51,15 +58,39 @@ def resolve_token(token: bytes | str | None) -> bytes:
         raise AuthenticationError(
             "no token: pass token=..., or set OFFLOAD_TOKEN or OFFLOAD_TOKEN_FILE"
         )
-    if isinstance(token, str):
-        token = token.strip().encode()
     return check_token(token)
 
 
 def read_token_file(path: str) -> bytes:
-    """Read a token file (its content, stripped of surrounding white space)."""
+    """Read a token file (by the rule of :func:`resolve_token`).
+
+    The file must be private to its owner: whoever can read the token can run any code
+    on the server, and whoever can write it can make a client trust an impostor server
+    (which then feeds it pickles). Like ``ssh`` with a private key, a token file that
+    its group or others may read or write is refused.
+
+    Raises:
+        AuthenticationError: the file is readable or writable by its group or others,
+            or holds a token shorter than 32 bytes.
+        OSError: the file cannot be read.
+    """
+    import stat
+
+    from offload.protocol.auth import check_token
+
     with open(path, "rb") as f:
-        return f.read().strip()
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            raise AuthenticationError(
+                f"the token file {path} is open to others (mode {mode:04o}): whoever can "
+                "read the token can run any code on the server. Make it private: "
+                f"chmod 600 {path}"
+            )
+        data = f.read()
+    try:
+        return check_token(data)
+    except AuthenticationError as exc:
+        raise AuthenticationError(f"the token file {path}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -140,19 +171,12 @@ class RemoteProcess:
             )
             return
         try:
-            if target.tls is not None:
-                hostname = target.tls.server_hostname or (
-                    None if target.address.is_unix else target.address.host
-                )
-                sock = target.tls.client_context().wrap_socket(sock, server_hostname=hostname)
-            sealer, leftover = client_handshake(
-                sock, target.token, timeout, sealed=target.tls is None
-            )
+            sock, sealer, leftover = authenticate(target, sock, timeout)
         except (ssl.SSLError, ssl.CertificateError) as exc:
             sock.close()
             self._start_failed(AuthenticationError(f"TLS with {target.address} failed: {exc}"))
             return
-        except (AuthenticationError, ProtocolError, OSError) as exc:
+        except (OffloadError, OSError) as exc:  # refusals included (NoWorkerAvailable)
             sock.close()
             if not isinstance(exc, OffloadError):
                 exc = AuthenticationError(f"the handshake with {target.address} failed: {exc}")
@@ -314,6 +338,32 @@ class RemoteProcess:
         return 0
 
 
+def authenticate(
+    target: RemoteTarget, sock: socket.socket, timeout: float
+) -> tuple[socket.socket, Sealer | None, bytes]:
+    """TLS (when configured) and the token handshake on a connected socket: the socket
+    to use from now on, the sealer of later frames (None with TLS) and the bytes read
+    past the handshake.
+
+    Raises:
+        ssl.SSLError, AuthenticationError, NoWorkerAvailable (refused), VersionMismatch,
+        ProtocolError, OSError.
+    """
+    if target.tls is not None:
+        hostname = target.tls.server_hostname or (
+            None if target.address.is_unix else target.address.host
+        )
+        sock = target.tls.client_context().wrap_socket(sock, server_hostname=hostname)
+    sealer, leftover = client_handshake(
+        sock,
+        target.token,
+        timeout,
+        sealed=target.tls is None,
+        peer=f"the worker server {target.address}",
+    )
+    return sock, sealer, leftover
+
+
 def query(
     target: RemoteTarget, timeout: float, *, status: bool
 ) -> tuple[p.Hello, dict[str, Any], float]:
@@ -322,19 +372,15 @@ def query(
     For operators' ``offload ping`` and ``offload status``; no engine, no threads.
 
     Raises:
-        AuthenticationError, VersionMismatch, ProtocolError, OSError.
+        AuthenticationError, NoWorkerAvailable (refused: at its connection limit or
+        shutting down), VersionMismatch, ProtocolError, OSError.
     """
     import json
     import time
 
     sock = connect(target.address, timeout)
     try:
-        if target.tls is not None:
-            hostname = target.tls.server_hostname or (
-                None if target.address.is_unix else target.address.host
-            )
-            sock = target.tls.client_context().wrap_socket(sock, server_hostname=hostname)
-        sealer, leftover = client_handshake(sock, target.token, timeout, sealed=target.tls is None)
+        sock, sealer, leftover = authenticate(target, sock, timeout)
         conn = p.Connection("client", name="offload-cli", pid=os.getpid())
         conn.sealer = sealer
         started = time.perf_counter()

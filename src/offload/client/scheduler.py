@@ -170,7 +170,7 @@ class Counts:
     busy: int
     idle: int
     starting: int
-    queued: int
+    queued: int  # not started: in the parent's queue, or sent ahead to a worker
     running: int
 
 
@@ -281,6 +281,16 @@ class Scheduler:
         del self.calls[call_id]
         return True
 
+    def withdraw(self, call_id: int, now: float) -> list[Action] | None:
+        """Cancel a call sent ahead to a worker that has not started it: the worker is
+        told to skip it (KillCall) and it is resolved as cancelled. None if the call is
+        unknown, still queued (see :meth:`cancel`) or started already."""
+        entry = self.calls.get(call_id)
+        if entry is None or entry.slot is None or entry.started_at is not None:
+            return None
+        slot = self.slots[entry.slot]
+        return self._kill_one(slot, call_id, Outcome.CANCELLED, now) + self._schedule(now)
+
     def kill_call(self, call_id: int, now: float) -> list[Action]:
         """The user killed a call: its worker dies, the call fails with WorkerKilled."""
         entry = self.calls.get(call_id)
@@ -324,6 +334,28 @@ class Scheduler:
                 del self.calls[call_id]
                 actions.append(Resolve(call_id, Outcome.CANCELLED))
         return actions + self._schedule(now)
+
+    def abort(self, now: float) -> list[Action]:
+        """Shutdown's deadline passed: the calls still queued in the parent are
+        cancelled, every worker is killed (its calls fail with WorkerKilled), and no
+        process starts again. The scheduler is closed and idle afterwards."""
+        self.closed = True
+        actions: list[Action] = []
+        while self.queue:
+            call_id = self.queue.popleft()
+            del self.calls[call_id]
+            actions.append(Resolve(call_id, Outcome.CANCELLED))
+        for slot in self.slots:
+            # Calls sent ahead that the worker has not started are cancelled too.
+            for call_id in self._split(slot)[1]:
+                slot.outstanding.remove(call_id)
+                del self.calls[call_id]
+                actions.append(Resolve(call_id, Outcome.CANCELLED, slot.index, None, slot.gen))
+        actions += self.kill_all(now)  # closed: nothing is requeued, nothing starts
+        for slot in self.slots:
+            if slot.state in (SlotState.BACKOFF, SlotState.FAILED):
+                slot.state = SlotState.EMPTY
+        return actions
 
     # -- events from the driver ----------------------------------------------------------
 
@@ -484,17 +516,19 @@ class Scheduler:
     def counts(self) -> Counts:
         """How many slots are busy/idle/starting and calls queued/running."""
         busy = idle = starting = running = 0
+        waiting = len(self.queue)
         for slot in self.slots:
             if slot.state in (SlotState.STARTING, SlotState.BACKOFF):
                 starting += 1
             elif slot.state in (SlotState.READY, SlotState.RETIRING):
                 n = min(len(slot.outstanding), slot.capacity)
                 running += n
+                waiting += len(slot.outstanding) - n  # sent ahead, not started
                 if n:
                     busy += 1
                 else:
                     idle += 1
-        return Counts(busy, idle, starting, len(self.queue), running)
+        return Counts(busy, idle, starting, waiting, running)
 
     def idle(self) -> bool:
         """No call queued or outstanding."""

@@ -15,9 +15,15 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from offload.client.engine import Engine
 from offload.client.future import Future
-from offload.client.options import WorkerOptions, make_options
+from offload.client.options import (
+    WorkerOptions,
+    check_connect_args,
+    check_tls,
+    check_token,
+    make_options,
+)
 from offload.client.remote import RemoteTarget
-from offload.tasks import Task
+from offload.tasks import Task, registered_task
 from offload.transport.net import TLS
 
 P = ParamSpec("P")
@@ -25,10 +31,19 @@ T = TypeVar("T")
 
 
 def call_settings(fn: Any) -> tuple[Any, float | None, int]:
-    """(what to send, timeout, retries) for a callable, a Task or a task name."""
+    """(what to send, timeout, retries) for a callable, a Task or a task name.
+
+    A name registered in this process (``@offload.task(name=...)``) carries its task's
+    ``timeout`` and ``retries``, as the task object itself would; a name only the
+    worker knows runs with none (a worker server applies its own task's timeout)."""
     if isinstance(fn, Task):
         return fn, fn.timeout, fn.retries
-    if isinstance(fn, str) or callable(fn):
+    if isinstance(fn, str):
+        known = registered_task(fn)
+        if known is not None:
+            return fn, known.timeout, known.retries
+        return fn, None, 0
+    if callable(fn):
         return fn, None, 0
     raise TypeError(f"submit() needs a callable or a task name, not {type(fn).__name__}")
 
@@ -184,10 +199,14 @@ def spawn(**options: Any) -> Worker:
         StartError: the process could not start, its initializer raised, or it did not
             finish the handshake within ``start_timeout``.
         VersionMismatch: ``python`` runs another Python or offload version.
-        ValueError, TypeError: an option is invalid.
+        TypeError: an unknown option or one of the wrong type (e.g. ``name=123``).
+        ValueError: an option with a bad value (e.g. ``concurrency=0``). Every option
+            is checked before the process starts.
     """
     token = options.pop("token", None)
     tls = options.pop("tls", None)
+    check_token("token", token)
+    check_tls("tls", tls)
     opts = make_options(**options)
     if opts.where is not None:
         target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
@@ -217,7 +236,10 @@ def connect(
         AuthenticationError: no token, a wrong token, an impostor server, or TLS failed.
         VersionMismatch: the server runs other offload/protocol/Python versions.
         NoWorkerAvailable: the server cannot be reached.
+        TypeError: an unknown option or one of the wrong type (e.g. ``address=1111``).
+        ValueError: an option with a bad value (e.g. a malformed address).
     """
+    check_connect_args(address, token, tls)
     opts = make_options(**options)
     target = RemoteTarget.parse(address, token, tls, opts.heartbeat)
     return Worker(opts, remote=target)
@@ -240,39 +262,108 @@ def set_delegate_defaults(**options: Any) -> None:
         old.shutdown(wait=False)
 
 
-def delegate(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-    """Start ``fn(*args, **kwargs)`` at once in a fresh worker process of its own
+_CALL_OPTIONS = ("timeout", "retries")
+
+
+class Delegate:
+    """``offload.delegate``: start a call at once in a fresh worker process of its own
     (Procord's ``delegate``); the process exits when the call is done.
 
-    After ``offload.init()`` with ``--offload-host`` (or ``where=``), the call goes to
-    that worker server instead, over one connection shared by every delegated call (the
-    server runs each call in an isolated process). Use a :class:`~offload.Pool` to reuse
-    local processes across calls.
-
-    Returns:
-        The call's future.
+    ``offload.delegate(fn, *args, **kwargs)`` runs with the defaults ``offload.init()``
+    set; ``offload.delegate.options(timeout=5, retries=1, name="crunch", env={...})``
+    returns a ``delegate`` with per-call options (``timeout``, ``retries``) and worker
+    options (those of :func:`offload.spawn`) on top, as ``task.options(...)`` does for
+    a task.
     """
-    global _delegate_remote
-    target, timeout, retries = call_settings(fn)
-    options = dict(_delegate_defaults)
-    if options.get("where"):
-        with _delegate_lock:
-            remote = _delegate_remote
-            if remote is None:
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self._options = dict(options or {})
+
+    def options(self, **options: Any) -> Delegate:
+        """A ``delegate`` with these options on top of this one's.
+
+        Raises:
+            TypeError: an unknown option or one of the wrong type.
+            ValueError: an option with a bad value.
+        """
+        merged = {**self._options, **options}
+        call = {k: v for k, v in merged.items() if k in _CALL_OPTIONS}
+        if call:
+            Task(_check_only, register=False, **call)
+        worker = {k: v for k, v in merged.items() if k not in (*_CALL_OPTIONS, "token", "tls")}
+        make_options(**worker)  # checked now, not at the first call
+        return Delegate(merged)
+
+    def __call__(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Start ``fn(*args, **kwargs)`` now and return its future.
+
+        After ``offload.init()`` with ``--offload-host`` (or ``where=``), the call goes to
+        that worker server instead, over one connection shared by every delegated call
+        (the server runs each call in an isolated process). Use a :class:`~offload.Pool`
+        to reuse local processes across calls.
+
+        Returns:
+            The call's future.
+
+        Raises:
+            RuntimeError: in a process forked from the one whose server connection it is.
+        """
+        global _delegate_remote
+        target, timeout, retries = call_settings(fn)
+        options = {**_delegate_defaults, **self._options}
+        timeout = options.pop("timeout", timeout)
+        retries = options.pop("retries", retries)
+        if options.get("where"):
+            if self._options:  # its own worker options: its own connection
                 token = options.pop("token", None)
                 tls = options.pop("tls", None)
                 opts = make_options(**options)
                 assert opts.where is not None
-                remote_target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
-                remote = _delegate_remote = Worker(opts, wait=False, remote=remote_target)
-        return remote._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
-    options.pop("token", None)
-    options.pop("tls", None)
-    opts = make_options(**options).with_name(None)
-    worker = Worker(opts, wait=False)
+                target_ = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
+                worker = Worker(opts, wait=False, remote=target_)
+                return _run_once(worker, target, args, kwargs, timeout=timeout, retries=retries)
+            with _delegate_lock:
+                remote = _delegate_remote
+                if remote is None:
+                    token = options.pop("token", None)
+                    tls = options.pop("tls", None)
+                    opts = make_options(**options)
+                    assert opts.where is not None
+                    remote_target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
+                    remote = _delegate_remote = Worker(opts, wait=False, remote=remote_target)
+            return remote._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
+        options.pop("token", None)
+        options.pop("tls", None)
+        opts = make_options(**options)
+        worker = Worker(opts.with_name(opts.name), wait=False)
+        worker._engine.scheduler.max_tasks = 1
+        return _run_once(worker, target, args, kwargs, timeout=timeout, retries=retries)
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self._options.items() if k not in ("token", "tls")}
+        return f"<offload.delegate options={shown}>"
+
+
+def _check_only() -> None:
+    """Stands in for a function when a Delegate checks its call options."""
+
+
+def _run_once(
+    worker: Worker,
+    target: Any,
+    /,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    timeout: float | None,
+    retries: int,
+) -> Future[Any]:
+    """Submit one call to ``worker``, which is shut down once the call has resolved."""
     engine = worker._engine
-    engine.scheduler.max_tasks = 1
     future = engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
     worker._finalizer.detach()
     future.add_done_callback(lambda _: engine.shutdown_dropped(True))
     return future
+
+
+delegate = Delegate()

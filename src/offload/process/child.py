@@ -6,6 +6,20 @@ parent), with one end of a socketpair passed by number. Its stderr is always a p
 by the I/O loop: the bytes are passed on as the ``stderr`` option says, and the last
 64 KiB are kept for crash reports. Its exit is observed through a pidfd on Linux (a
 waiter thread elsewhere), and the process is reaped as soon as it exits.
+
+Neither depends on the program's SIGCHLD disposition: a program that ignores SIGCHLD
+(``signal.signal(SIGCHLD, SIG_IGN)``) has its children reaped by the kernel, so a reap
+finds nothing (ECHILD) and the exit status is lost. The exit is then reported all the
+same, with the status inferred from the worker's stderr (faulthandler's "Fatal Python
+error: Segmentation fault" and the like), from the signal offload sent it, or else as
+:class:`~offload.errors.UnknownExitStatus` — never as a clean exit.
+
+Killing a worker (:meth:`ChildProcess.terminate`) sends SIGTERM to its process group and
+to every descendant found (a task's subprocess may have left the group), then, after a
+short grace, SIGKILL to the group and to every descendant found at any point of the kill
+— also when the worker itself died of the SIGTERM at once, which reparents its children
+out of its tree. Workers make themselves child subreapers (Linux), so a task's
+double-forked daemons stay their descendants and are found too.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from offload.errors import UnknownExitStatus
 from offload.transport.loop import Loop, Timer
 from offload.worker.runtime import SETTINGS_ENV, encode_settings
 
@@ -34,6 +49,16 @@ KILL_GRACE = 0.5  # seconds between SIGTERM and SIGKILL
 # then wait as long as that process lives: forever, for a pool worker. So forks wait
 # for a Popen in progress to finish, and Popen for a fork in progress.
 _popen_lock = threading.RLock()
+
+# faulthandler's first line for each fatal signal (and Py_FatalError, which aborts).
+_FATAL_ERRORS = {
+    "Segmentation fault": signal.SIGSEGV,
+    "Floating point exception": signal.SIGFPE,
+    "Aborted": signal.SIGABRT,
+    "Bus error": signal.SIGBUS,
+    "Illegal instruction": signal.SIGILL,
+}
+_FATAL_PREFIX = "Fatal Python error: "
 
 
 _fork_holds = threading.local()  # how many forks in progress on this thread hold it
@@ -156,7 +181,11 @@ class ChildProcess:
     Attributes:
         pid: its process id (also its process-group id).
         name: the worker's name.
-        returncode: None while it runs; its exit status (negative: the signal) after.
+        returncode: None while it runs; its exit status (negative: the signal) after;
+            an :class:`~offload.errors.UnknownExitStatus` when the status was lost and
+            could not be inferred (the program ignores SIGCHLD).
+        exit_note: how ``returncode`` was found when it is a guess ("" when it is the
+            status the kernel reported).
     """
 
     def __init__(
@@ -170,12 +199,19 @@ class ChildProcess:
         stdout_fd: int | None,
         reap: Callable[[], int | None] | None,
     ) -> None:
-        """``reap()`` collects the exit status without blocking (None: still running);
+        """``reap()`` collects the exit status without blocking (None: still running;
+        an :class:`UnknownExitStatus` when the process is gone but its status is lost);
         None when another process reaps it and calls :meth:`report_exit` (forkserver)."""
         self.pid = pid
         self.name = spec.name
         self.loop = loop
         self.returncode: int | None = None
+        self.exit_note = ""
+        # Descendants found during a kill (psutil.Process objects: they notice pid
+        # reuse), kept until the final SIGKILL: once the worker is dead, its children
+        # are no longer its descendants.
+        self._doomed: dict[int, Any] = {}
+        self._signalled = 0  # the last signal the kill sent the worker (0: none)
         self._on_exit = on_exit
         self._reap = reap
         self._tail = bytearray()
@@ -259,10 +295,16 @@ class ChildProcess:
 
     def _on_pidfd(self) -> None:
         # The worker is a zombie now, so its pid still names its process group: end
-        # whatever the task left running in it before the id can be reused.
+        # whatever the task left running in it before the id can be reused. (Its
+        # children are no longer its descendants: they were reparented before it
+        # became a zombie.)
         self._kill_leftovers()
         assert self._reap is not None
-        code = self._reap()
+        try:
+            code = self._reap()
+        except OSError as exc:  # never leave a readable pidfd behind: it would spin
+            log.warning("offload: could not reap %s (pid %s): %s", self.name, self.pid, exc)
+            code = UnknownExitStatus()
         if code is None:
             return
         assert self._pidfd is not None
@@ -272,11 +314,19 @@ class ChildProcess:
         self._exited(code)
 
     def _wait_thread(self) -> None:
-        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        try:
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        except ChildProcessError:
+            pass  # reaped by the kernel already (SIGCHLD ignored): it has exited
+        except OSError:
+            log.warning("offload: could not wait for %s (pid %s)", self.name, self.pid)
         self._kill_leftovers()
         assert self._reap is not None
-        code = self._reap()
-        self.loop.call_soon(self._exited, code)
+        try:
+            code = self._reap()
+        except OSError:
+            code = UnknownExitStatus()
+        self.loop.call_soon(self._exited, code if code is not None else UnknownExitStatus())
 
     def report_exit(self, code: int) -> None:
         """The process exited with ``code`` (reaped elsewhere). Loop thread."""
@@ -292,15 +342,47 @@ class ChildProcess:
     def _exited(self, code: int | None) -> None:
         if self.exited.is_set():
             return
-        self.returncode = code if code is not None else -signal.SIGKILL
-        if self._kill_timer is not None:
-            self._kill_timer.cancel()
         self.drain_output()
+        if code is None:
+            code = -signal.SIGKILL
+        elif isinstance(code, UnknownExitStatus):
+            code = self._infer_status()
+        self.returncode = code
+        if self._kill_timer is not None and not self._doomed:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+        # Otherwise the timer stays: at the end of the grace it SIGKILLs the descendants
+        # that the SIGTERM did not end (the worker is dead, they are not).
         # Grandchildren may keep the pipes open; they are no longer this worker's output.
         for fd in list(self._pipes):
             self._close_pipe(fd)
         self.exited.set()
         self._on_exit(self)
+
+    def _infer_status(self) -> int:
+        """The exit status was lost (the program ignores SIGCHLD, so the kernel reaped
+        the worker): the best guess from what it printed and what offload sent it."""
+        tail = self.stderr_tail()
+        at = tail.rfind(_FATAL_PREFIX)
+        if at >= 0:
+            # faulthandler (on in every worker) reports a fatal signal, then the process
+            # dies of it; any other fatal error aborts.
+            what = tail[at + len(_FATAL_PREFIX) :].split("\n", 1)[0].strip()
+            sig = _FATAL_ERRORS.get(what, signal.SIGABRT)
+            self.exit_note = (
+                f"exit status lost (this program ignores SIGCHLD); {sig.name} inferred "
+                f"from the worker's stderr"
+            )
+            return -sig
+        if self._signalled:
+            sig = signal.Signals(self._signalled)
+            self.exit_note = (
+                f"exit status lost (this program ignores SIGCHLD); {sig.name} assumed: "
+                f"offload sent it"
+            )
+            return -sig
+        self.exit_note = "exit status lost: this program ignores SIGCHLD"
+        return UnknownExitStatus()
 
     # -- killing -------------------------------------------------------------------------
 
@@ -319,37 +401,58 @@ class ChildProcess:
                 pass
 
     def terminate(self, grace: float = KILL_GRACE) -> None:
-        """SIGTERM the process group now, SIGKILL it after ``grace`` seconds. Thread-safe."""
+        """SIGTERM the process group and every descendant now, SIGKILL them after
+        ``grace`` seconds (even when the worker itself is gone by then). Thread-safe."""
 
         def start() -> None:
             if self.returncode is not None or self._kill_timer is not None:
                 return
-            self._kill_descendants(signal.SIGTERM)
+            self._find_descendants()
+            self._signalled = signal.SIGTERM
+            # The group's members get the group's signals; the others one by one.
+            self._signal_doomed(signal.SIGTERM, outside_group=True)
             self.signal_group(signal.SIGTERM)
-            self.signal_group(signal.SIGCONT)  # a stopped process must see the SIGTERM
-            self._kill_timer = self.loop.call_later(grace, self.kill)
+            # A stopped process must see the SIGTERM.
+            self._signal_doomed(signal.SIGCONT, outside_group=True)
+            self.signal_group(signal.SIGCONT)
+            self._kill_timer = self.loop.call_later(grace, self._grace_over)
 
         self.loop.call_soon(start)
 
-    def kill(self) -> None:
-        """SIGKILL the process group now."""
-        self._kill_descendants(signal.SIGKILL)
-        self.signal_group(signal.SIGKILL)
+    def _grace_over(self) -> None:
+        self._kill_timer = None
+        self.kill()
 
-    def _kill_descendants(self, sig: int) -> None:
-        # Subprocesses that moved to a session of their own escape killpg; find them.
+    def kill(self) -> None:
+        """SIGKILL the process group, and every descendant found now or earlier in the
+        kill (those that left the group, or were orphaned when the worker died)."""
+        if self.returncode is None:
+            self._find_descendants()
+            self._signalled = signal.SIGKILL
+        self.signal_group(signal.SIGKILL)
+        self._signal_doomed(signal.SIGKILL)
+        if self.returncode is not None:
+            self._doomed.clear()  # nothing can be added any more: the worker is gone
+
+    def _find_descendants(self) -> None:
+        """Remember the worker's descendants as they are now (while it lives)."""
         try:
             import psutil
 
-            children = psutil.Process(self.pid).children(recursive=True)
+            found = psutil.Process(self.pid).children(recursive=True)
         except Exception:  # noqa: BLE001 - the process may be gone already
             return
-        for child in children:
+        for proc in found:
+            self._doomed.setdefault(proc.pid, proc)
+
+    def _signal_doomed(self, sig: int, outside_group: bool = False) -> None:
+        for pid, proc in list(self._doomed.items()):
             try:
-                if os.getpgid(child.pid) != self.pid:
-                    child.send_signal(sig)
-            except (OSError, psutil.Error):
-                pass
+                if outside_group and os.getpgid(pid) == self.pid:
+                    continue
+                proc.send_signal(sig)  # psutil: refuses a pid reused since it was found
+            except Exception:  # noqa: BLE001 - gone (psutil.NoSuchProcess) or not ours
+                self._doomed.pop(pid, None)
 
 
 def _settings(spec: LaunchSpec, fd: int, ppid: int) -> dict[str, Any]:
@@ -415,9 +518,27 @@ def launch(
         on_exit,
         stderr_fd=stderr_fd,
         stdout_fd=stdout_fd,
-        reap=process.poll,
+        reap=lambda: _reap_popen(process),
     )
     return child, parent_sock
+
+
+def reap_pid(pid: int) -> int | None:
+    """Collect ``pid``'s exit status without blocking: None while it runs; an
+    :class:`UnknownExitStatus` when it is gone but the kernel reaped it (the program
+    ignores SIGCHLD), where ``Popen.poll()`` would say 0."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return UnknownExitStatus()
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def _reap_popen(process: subprocess.Popen[bytes]) -> int | None:
+    code = reap_pid(process.pid)
+    if code is not None:
+        process.returncode = code  # reaped: the Popen must never wait for the pid again
+    return code
 
 
 def _take_fd(pipe: IO[bytes] | None) -> int | None:
@@ -514,11 +635,13 @@ def _launch_fork(
     if out is not None:
         os.close(out[1])
 
-    def reap() -> int | None:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        return os.waitstatus_to_exitcode(status) if done else None
-
     child = ChildProcess(
-        pid, spec, loop, on_exit, stderr_fd=err_r, stdout_fd=out[0] if out else None, reap=reap
+        pid,
+        spec,
+        loop,
+        on_exit,
+        stderr_fd=err_r,
+        stdout_fd=out[0] if out else None,
+        reap=lambda: reap_pid(pid),
     )
     return child, parent_sock

@@ -9,14 +9,31 @@ handshake frames are fixed-layout bytes (no pickle, no length-prefixed free text
     1. client -> server   CLIENT_HELLO  magic "OFLD" | version u16 | client nonce (32)
     2. server -> client   CHALLENGE     magic "OFLD" | version u16 | server nonce (32)
     3. client -> server   CLIENT_PROOF  HMAC-SHA256(token, "offload/v1/client-proof" | cn | sn)
-    4. server: compares in constant time; on a wrong proof it closes without a word.
+    4. server: compares in constant time; on a wrong proof it answers REFUSAL(TOKEN)
+       and closes.
     5. server -> client   SERVER_PROOF  HMAC-SHA256(token, "offload/v1/server-proof" | cn | sn)
+       or, to a client that proved the token but cannot be taken now,
+       REFUSAL(BUSY, max-connections) or REFUSAL(STOPPING), then it closes.
     6. client: compares in constant time; an impostor server (no token) fails here, before
        the client reads anything it would unpickle.
 
+    REFUSAL (32 bytes)   magic "OFLN" | version u16 | code u16 | detail u32 | zeros (20)
+
 The server proves nothing before the client has: an unauthenticated prober only ever sees
-a random nonce. Both nonces are fresh, so no proof can be replayed into another session.
-The labels separate the two proofs (a reflected client proof is not a server proof).
+a random nonce, and after a wrong proof a constant refusal (which tells it no more than
+the missing server proof would). A refusal takes the place of a frame the client waits
+for (the challenge or the server proof) and cannot be mistaken for either: the client
+first compares a server proof in full, and only a frame that is no proof and has the
+refusal's exact layout is read as one. A forged refusal (the peer is not authenticated
+yet) can only make the client give up, which a peer in the middle can do anyway.
+Both nonces are fresh, so no proof can be replayed into another session. The labels
+separate the two proofs (a reflected client proof is not a server proof).
+
+Tokens: one rule on both sides (:func:`check_token`), for a token from a file, the
+environment or an argument, as bytes or text: a token that is text (UTF-8, printable once
+stripped) is used stripped of surrounding white space, so the newline that ends a token
+file (the one ``offload serve`` writes, say) never counts; any other token is used byte
+for byte, so 32 random bytes that happen to end in ``\n`` stay 32 bytes.
 
 Session keys (one per direction) are derived from the token and both nonces. Without TLS,
 every later frame carries ``BLAKE2b-256(key=session key, sequence number | body)``
@@ -33,9 +50,10 @@ import os
 import struct
 from hashlib import blake2b
 
-from offload.errors import AuthenticationError, ProtocolError
+from offload.errors import AuthenticationError, NoWorkerAvailable, OffloadError, ProtocolError
 
 MAGIC = b"OFLD"
+REFUSAL_MAGIC = b"OFLN"
 AUTH_VERSION = 2  # 2: frames sealed with keyed BLAKE2b
 NONCE_SIZE = 32
 MAC_SIZE = 32
@@ -43,6 +61,14 @@ MAX_PREAUTH_FRAME = 4096
 MIN_TOKEN_SIZE = 32
 
 _HELLO = struct.Struct(f"!4sH{NONCE_SIZE}s")  # client hello and challenge share a layout
+_REFUSAL = struct.Struct("!4sHHI20s")  # the size of a proof: it stands in for one
+assert _REFUSAL.size == MAC_SIZE
+
+# Refusal codes (the ``code`` of a REFUSAL frame).
+REFUSED_TOKEN = 1  # the client's proof was wrong: the token did not match
+REFUSED_BUSY = 2  # the server is at its connection limit (detail: the limit)
+REFUSED_STOPPING = 3  # the server is shutting down
+
 _CLIENT_PROOF_LABEL = b"offload/v1/client-proof"
 _SERVER_PROOF_LABEL = b"offload/v1/server-proof"
 _SESSION_LABEL = b"offload/v1/session"
@@ -53,24 +79,72 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
 
 
-def check_token(token: bytes) -> bytes:
-    """Validate a shared token (at least 32 bytes).
+def normalize_token(token: bytes | bytearray | str) -> bytes:
+    """The bytes a token stands for, by the one rule both sides apply.
+
+    A token that is text (UTF-8 that is printable once surrounding white space is
+    stripped: hex, base64, a passphrase) is used stripped, so a token file's final
+    newline never counts. Any other token is binary and used byte for byte (stripping a
+    random token that ends in a white-space byte would change, and shorten, it). A
+    ``str`` is taken as its UTF-8 bytes first.
 
     Raises:
-        AuthenticationError: the token is too short to be a secret.
+        AuthenticationError: the token is not bytes or text.
     """
-    if not isinstance(token, bytes) or len(token) < MIN_TOKEN_SIZE:
+    if isinstance(token, str):
+        data = token.encode()
+    elif isinstance(token, bytes | bytearray):
+        data = bytes(token)
+    else:
+        raise AuthenticationError(f"a token must be bytes or str, not {type(token).__name__}")
+    stripped = data.strip()
+    try:
+        text = stripped.decode()
+    except UnicodeDecodeError:
+        return data
+    return stripped if text.isprintable() else data
+
+
+def check_token(token: bytes | bytearray | str) -> bytes:
+    """Normalise (:func:`normalize_token`) and validate a shared token (at least 32 bytes).
+
+    Returns:
+        The token's bytes, as both sides of a handshake must use them.
+
+    Raises:
+        AuthenticationError: the token is too short to be a secret, or not bytes or text.
+    """
+    data = normalize_token(token)
+    if len(data) < MIN_TOKEN_SIZE:
+        stripped = len(data) != len(token.encode() if isinstance(token, str) else token)
         raise AuthenticationError(
-            f"a token must be at least {MIN_TOKEN_SIZE} random bytes "
-            f"(got {len(token) if isinstance(token, bytes) else type(token).__name__})"
+            f"a token must be at least {MIN_TOKEN_SIZE} random bytes (got {len(data)}"
+            + (" once stripped of the white space around it)" if stripped else ")")
         )
-    return token
+    return data
+
+
+def refusal(code: int, detail: int = 0) -> bytes:
+    """A REFUSAL frame (see the module docstring): ``code`` is one of the ``REFUSED_*``
+    constants, ``detail`` a number that goes with it (the connection limit for
+    :data:`REFUSED_BUSY`)."""
+    return _REFUSAL.pack(REFUSAL_MAGIC, AUTH_VERSION, code, detail, bytes(20))
+
+
+def _parse_refusal(frame: bytes) -> tuple[int, int] | None:
+    """(code, detail) if ``frame`` is exactly a REFUSAL frame, else None."""
+    if len(frame) != _REFUSAL.size:
+        return None
+    magic, _version, code, detail, padding = _REFUSAL.unpack(frame)
+    if magic != REFUSAL_MAGIC or any(padding):
+        return None
+    return code, detail
 
 
 class _Handshake:
     """Shared machinery: an input buffer of fixed-size frames and an output buffer."""
 
-    def __init__(self, token: bytes) -> None:
+    def __init__(self, token: bytes | str) -> None:
         self._token = check_token(token)
         self._in = bytearray()
         self._out = bytearray()
@@ -82,12 +156,15 @@ class _Handshake:
         """Feed bytes from the peer (an empty chunk means it closed)."""
         if not data:
             if not self.done:
-                raise AuthenticationError("the peer closed the connection during the handshake")
+                raise self._closed_early()
             return
         self._in += data
         if len(self._in) > MAX_PREAUTH_FRAME:
             raise ProtocolError("handshake frame larger than 4 KiB")
         self._advance()
+
+    def _closed_early(self) -> OffloadError:
+        return AuthenticationError("the peer closed the connection during the handshake")
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer now."""
@@ -98,6 +175,12 @@ class _Handshake:
     def leftover(self) -> bytes:
         """Bytes received after the handshake (the first protocol frames)."""
         return bytes(self._in)
+
+    @property
+    def progress(self) -> int:
+        """Handshake frames received from the peer so far (a server sheds the
+        connections that got least far first)."""
+        return 0
 
     def _take(self, n: int) -> bytes | None:
         if len(self._in) < n:
@@ -129,16 +212,70 @@ def _parse_hello(frame: bytes, who: str) -> bytes:
 
 
 class ClientHandshake(_Handshake):
-    """The client's side: proves the token first, then checks the server's proof."""
+    """The client's side: proves the token first, then checks the server's proof.
 
-    def __init__(self, token: bytes) -> None:
+    Args:
+        token: the shared token (see :func:`check_token`).
+        peer: how error messages name the server (``"the worker server HOST:PORT"``).
+
+    ``receive_data`` raises :class:`AuthenticationError` when the server refused the
+    token, :class:`NoWorkerAvailable` when it refused a client that proved the token
+    (at its connection limit, or shutting down).
+    """
+
+    def __init__(self, token: bytes | str, peer: str = "the server") -> None:
         super().__init__(token)
+        self.peer = peer
         self.client_nonce = os.urandom(NONCE_SIZE)
         self._out += _HELLO.pack(MAGIC, AUTH_VERSION, self.client_nonce)
         self._state = "challenge"
 
+    @property
+    def progress(self) -> int:
+        return {"challenge": 0, "server-proof": 1}.get(self._state, 2)
+
+    def _closed_early(self) -> OffloadError:
+        if self._state == "server-proof":
+            return AuthenticationError(
+                f"{self.peer} closed the connection without proving the token, after "
+                "checking ours: it did not accept our token (an older offload server "
+                "closes so when the token did not match), or it went away"
+            )
+        return AuthenticationError(
+            f"{self.peer} closed the connection before the token handshake (it may have "
+            "too many connections still in their handshake, or it is not an offload server)"
+        )
+
+    def _refused(self, frame: bytes) -> OffloadError | None:
+        """The error a REFUSAL frame stands for; None if ``frame`` is no refusal."""
+        parsed = _parse_refusal(frame)
+        if parsed is None:
+            return None
+        code, detail = parsed
+        if code == REFUSED_TOKEN:
+            return AuthenticationError(
+                f"{self.peer} refused our token: the token did not match the server's "
+                "(check that both sides read the same token)"
+            )
+        if code == REFUSED_BUSY:
+            return NoWorkerAvailable(
+                f"{self.peer} is at its connection limit (max-connections {detail}): it "
+                "refused this connection after checking the token; try again when a client "
+                "disconnects, or start the server with a higher --max-connections"
+            )
+        if code == REFUSED_STOPPING:
+            return NoWorkerAvailable(f"{self.peer} is shutting down; it takes no new clients")
+        return ProtocolError(f"{self.peer} refused the connection (unknown refusal {code})")
+
     def _advance(self) -> None:
         if self._state == "challenge":
+            if self._in[: len(REFUSAL_MAGIC)] == REFUSAL_MAGIC:
+                # A refusal instead of the challenge (a challenge starts with MAGIC).
+                frame = self._take(_REFUSAL.size)
+                if frame is None:
+                    return
+                error = self._refused(frame)
+                raise error or ProtocolError(f"{self.peer} sent a malformed refusal")
             frame = self._take(_HELLO.size)
             if frame is None:
                 return
@@ -153,8 +290,12 @@ class ClientHandshake(_Handshake):
                 return
             expected = _mac(self._token, _SERVER_PROOF_LABEL, self.client_nonce, self.server_nonce)
             if not hmac.compare_digest(proof, expected):
+                # Only what is no proof may be a refusal: a genuine proof always counts.
+                refused = self._refused(proof)
+                if refused is not None:
+                    raise refused
                 raise AuthenticationError(
-                    "the server did not prove the token: it is not the server you meant "
+                    f"{self.peer} did not prove the token: it is not the server you meant "
                     "(or it has another token)"
                 )
             self._state = "done"
@@ -162,12 +303,36 @@ class ClientHandshake(_Handshake):
 
 
 class ServerHandshake(_Handshake):
-    """The server's side: reveals a nonce, checks the client's proof, then proves."""
+    """The server's side: reveals a nonce, checks the client's proof, then proves.
 
-    def __init__(self, token: bytes) -> None:
+    On a wrong proof ``receive_data`` raises :class:`AuthenticationError` and leaves a
+    REFUSAL(TOKEN) frame in :meth:`data_to_send`, to write before closing. Once
+    :attr:`done`, a server that cannot take the client calls :meth:`refuse` before it
+    writes anything, and then closes.
+    """
+
+    def __init__(self, token: bytes | str) -> None:
         super().__init__(token)
         self.server_nonce = os.urandom(NONCE_SIZE)
         self._state = "hello"
+        self.refused = False
+
+    @property
+    def progress(self) -> int:
+        return {"hello": 0, "client-proof": 1}.get(self._state, 2)
+
+    def _closed_early(self) -> OffloadError:
+        return AuthenticationError(
+            "the client closed the connection during the handshake"
+            + (" (before its proof)" if self._state == "client-proof" else "")
+        )
+
+    def refuse(self, code: int, detail: int = 0) -> None:
+        """Turn a finished handshake into a refusal: what would go out (our proof) is
+        replaced by a REFUSAL frame; the connection must be closed after it."""
+        self._out[:] = refusal(code, detail)
+        self._state = "refused"
+        self.refused = True
 
     def _advance(self) -> None:
         if self._state == "hello":
@@ -183,7 +348,10 @@ class ServerHandshake(_Handshake):
                 return
             expected = _mac(self._token, _CLIENT_PROOF_LABEL, self.client_nonce, self.server_nonce)
             if not hmac.compare_digest(proof, expected):
-                raise AuthenticationError("the client did not prove the token")
+                self._state = "refused"
+                self.refused = True
+                self._out += refusal(REFUSED_TOKEN)
+                raise AuthenticationError("the client's token did not match (wrong proof)")
             self._out += _mac(
                 self._token, _SERVER_PROOF_LABEL, self.client_nonce, self.server_nonce
             )

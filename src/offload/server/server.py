@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-1. An accept thread takes connections and hands each to a handshake thread of its own,
-   so a slow or silent peer never blocks the accept loop. At most
-   ``max_unauthenticated`` connections may be in their handshake at once; a new one
-   evicts the oldest (a flood of silent connections cannot lock good clients out), and
-   every handshake has a deadline.
+1. One thread, the :class:`~offload.server.gate.HandshakeGate`, accepts connections
+   and drives every handshake at once, non-blocking, in one selector: a slow or silent
+   peer costs an entry in a table, never a thread, and never blocks anyone. At most
+   ``max_unauthenticated`` connections may be in their handshake at once, and at most
+   ``max_unauthenticated_per_source`` from one source; past a limit the connection that
+   got least far goes, the oldest first (a flood of silent connections sheds itself and
+   cannot lock good clients out). Every handshake has a deadline. Out of file
+   descriptors, the gate sheds pending handshakes and rests instead of spinning.
 2. The handshake (TLS first when configured, then the token proof of
    :mod:`offload.protocol.auth`) must succeed before the server reads a single protocol
    frame; nothing is ever unpickled in the server process with ``isolation="pool"`` or
    ``"process"``: calls are relayed as bytes to child worker processes, and their results
-   relayed back as bytes.
+   relayed back as bytes. A client that proved the token while the server is at
+   ``max_connections`` (or stopping) gets a refusal that says so, not a silent close.
 3. An authenticated connection becomes a :class:`Session`; its frames are MAC'd with
    session keys when there is no TLS. Calls run in the server's own pool of child
    processes (``pool``), in a fresh process each (``process``), or in the server
@@ -25,9 +29,7 @@ Theory of operation
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import itertools
 import json
 import logging
 import os
@@ -39,10 +41,11 @@ from typing import Any
 
 from offload import protocol as p
 from offload.client.engine import Engine, RawSink
-from offload.client.options import make_options
-from offload.errors import AuthenticationError, OffloadError, ProtocolError, WorkerKilled
-from offload.protocol.auth import check_token
+from offload.client.options import check_server_args, make_options
+from offload.errors import OffloadError, WorkerKilled
+from offload.protocol.auth import REFUSED_BUSY, REFUSED_STOPPING, check_token
 from offload.serde import dumps
+from offload.server.gate import HandshakeGate
 from offload.transport.channel import Channel
 from offload.transport.loop import get_loop
 from offload.transport.net import (
@@ -51,7 +54,6 @@ from offload.transport.net import (
     bound_address,
     listen,
     parse_address,
-    server_handshake,
 )
 
 log = logging.getLogger("offload")
@@ -70,8 +72,11 @@ class Server:
         workers: calls run at once (worker processes for ``pool``).
         preload: modules the workers import at start.
         isolation: ``"pool"``, ``"process"`` or ``"inline"``.
-        max_connections: authenticated clients at once.
+        max_connections: authenticated clients at once; past it a client that proved
+            the token is refused with a message that says so.
         max_unauthenticated: connections in their handshake at once.
+        max_unauthenticated_per_source: of those, from one source (an IPv4 address, an
+            IPv6 /64, or every peer of a Unix socket).
         handshake_timeout: seconds a connection has to authenticate.
         disconnect_grace: seconds before a vanished client's calls are killed.
         busy_poll: seconds the I/O loop keeps polling after traffic before it sleeps,
@@ -79,7 +84,11 @@ class Server:
         worker_options: further worker options for the child processes.
 
     Raises:
-        ValueError: a non-loopback address without a token, or another bad setting.
+        TypeError: a setting of the wrong type (e.g. ``workers="2"``, ``token="..."``).
+        ValueError: a setting with a bad value (e.g. ``workers=0``, ``busy_poll=nan``,
+            a malformed ``listen`` address, no token); every setting and worker option
+            is checked before anything starts.
+        AuthenticationError: a token shorter than 32 bytes.
     """
 
     def __init__(
@@ -93,11 +102,27 @@ class Server:
         isolation: str = "pool",
         max_connections: int = 64,
         max_unauthenticated: int = 128,
+        max_unauthenticated_per_source: int = 32,
         handshake_timeout: float = 10.0,
         disconnect_grace: float = 5.0,
         busy_poll: float = BUSY_POLL,
         worker_options: dict[str, Any] | None = None,
     ) -> None:
+        check_server_args(
+            listen=listen,
+            token=token,
+            tls=tls,
+            workers=workers,
+            preload=preload,
+            isolation=isolation,
+            max_connections=max_connections,
+            max_unauthenticated=max_unauthenticated,
+            max_unauthenticated_per_source=max_unauthenticated_per_source,
+            handshake_timeout=handshake_timeout,
+            disconnect_grace=disconnect_grace,
+            busy_poll=busy_poll,
+            worker_options=worker_options,
+        )
         self.address: Address = parse_address(listen)
         if token is None:
             raise ValueError("a worker server needs a token")
@@ -109,6 +134,7 @@ class Server:
         self.isolation = isolation
         self.max_connections = max_connections
         self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated_per_source = max_unauthenticated_per_source
         self.handshake_timeout = handshake_timeout
         self.disconnect_grace = disconnect_grace
         if busy_poll < 0:
@@ -122,11 +148,10 @@ class Server:
         self._ssl = tls.server_context() if tls is not None else None
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
-        self._pending: collections.OrderedDict[int, socket.socket] = collections.OrderedDict()
         self._sessions: set[Session] = set()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._accept_thread: threading.Thread | None = None
+        self._gate: HandshakeGate | None = None
         self._engine: Engine | None = None
         self._inline: _InlineRunner | None = None
         self.started_at = time.time()
@@ -137,9 +162,15 @@ class Server:
         state = "stopping" if self._stopping.is_set() else "serving"
         return (
             f"<Server {self.address} {state} isolation={self.isolation} slots={self.workers} "
-            f"connections={len(self._sessions)} pending={len(self._pending)} "
+            f"connections={len(self._sessions)} pending={self.pending} "
             f"served={self.calls_served}>"
         )
+
+    @property
+    def pending(self) -> int:
+        """Connections in their handshake now."""
+        gate = self._gate
+        return gate.pending if gate is not None else 0
 
     # -- life ----------------------------------------------------------------------------
 
@@ -162,10 +193,17 @@ class Server:
             self._engine.start()
         if self.busy_poll > 0 and self._engine is not None and self._ssl is None:
             self.loop.busy_poll = self.busy_poll_budget
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name="offload-server-accept", daemon=True
+        self._gate = HandshakeGate(
+            self._listener,
+            self.token,
+            ssl_context=self._ssl,
+            handshake_timeout=self.handshake_timeout,
+            max_pending=self.max_unauthenticated,
+            max_pending_per_source=self.max_unauthenticated_per_source,
+            admit=self._admit,
+            on_authenticated=self._start_session,
         )
-        self._accept_thread.start()
+        self._gate.start()
         log.info("offload: serving on %s (isolation=%s)", self.address, self.isolation)
         return self.address
 
@@ -189,18 +227,12 @@ class Server:
                     os.unlink(self.address.host)
                 except OSError:
                     pass
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-        if self._accept_thread is not None:
-            self._accept_thread.join(5.0)  # bounded: a drain must never hang on it
-        with self._lock:
-            pending = list(self._pending.values())
-            self._pending.clear()
-        for sock in pending:
-            _wake(sock)
+            if self._gate is None:
+                self._listener.close()
+        if self._gate is not None:
+            # The gate closes the listener and every pending handshake on its own
+            # thread, which owns them. Bounded: a drain must never hang on it.
+            self._gate.stop(5.0)
         clean = True
         deadline = time.monotonic() + timeout
         for session in list(self._sessions):
@@ -228,71 +260,21 @@ class Server:
 
     # -- accepting -----------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        keys = itertools.count(1)
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                continue
-            key = next(keys)
-            with self._lock:
-                evicted = None
-                if len(self._pending) >= self.max_unauthenticated:
-                    _, evicted = self._pending.popitem(last=False)
-                self._pending[key] = sock
-            if evicted is not None:
-                _wake(evicted)  # its handshake thread fails, closes it and ends
-            # A hard deadline, whatever the peer does byte by byte.
-            self.loop.call_later(self.handshake_timeout, self._expire, key)
-            threading.Thread(
-                target=self._authenticate,
-                args=(key, sock),
-                name="offload-server-handshake",
-                daemon=True,
-            ).start()
-
-    def _expire(self, key: int) -> None:
-        with self._lock:
-            sock = self._pending.pop(key, None)
-        if sock is not None:
-            _wake(sock)
-
-    def _authenticate(self, key: int, sock: socket.socket) -> None:
-        deadline = time.monotonic() + self.handshake_timeout
-        conn: socket.socket = sock
-        try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.handshake_timeout)
-            if self._ssl is not None:
-                conn = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                with self._lock:
-                    if key not in self._pending:
-                        raise ConnectionAbortedError("evicted")
-                    self._pending[key] = conn  # eviction and the deadline close this one now
-                conn.do_handshake()
-            sealer, leftover = server_handshake(
-                conn, self.token, max(0.01, deadline - time.monotonic()), sealed=self._ssl is None
+    def _admit(self) -> tuple[int, int] | None:
+        """The gate asks, for a client that proved the token: None to take it, else why
+        not (a refusal the client turns into a clear error)."""
+        if self._stopping.is_set():
+            return REFUSED_STOPPING, 0
+        if len(self._sessions) >= self.max_connections:
+            log.warning(
+                "offload: refusing a client: max_connections (%d) reached", self.max_connections
             )
-        except (OSError, ssl.SSLError, AuthenticationError, ProtocolError, ValueError) as exc:
-            log.info("offload: rejected a connection: %s", exc)
-            with self._lock:
-                self._pending.pop(key, None)
-            _close(conn)
-            return
+            return REFUSED_BUSY, self.max_connections
+        return None
+
+    def _start_session(self, conn: socket.socket, sealer: Any, leftover: bytes) -> None:
+        """Take over a connection the gate authenticated (and :meth:`_admit` took)."""
         with self._lock:
-            if self._pending.pop(key, None) is None or self._stopping.is_set():
-                _close(conn)  # evicted or expired meanwhile, or the server is stopping
-                return
-            if len(self._sessions) >= self.max_connections:
-                log.warning("offload: refusing a client: max_connections reached")
-                _close(conn)
-                return
-            conn.settimeout(None)
             session = Session(self, conn, sealer, leftover)
             self._sessions.add(session)
         session.start()
@@ -345,12 +327,12 @@ class Server:
         A relayed call wakes this process twice (the call, then its result), and a
         client's next call comes soon after a result. Polling instead of sleeping for a
         moment after traffic saves those wake-ups, on a CPU that is idle anyway: only
-        while a worker is idle (a busy worker needs its CPU), never while a handshake
-        thread runs (it would wait for the interpreter lock), and never with TLS (each
+        while a worker is idle (a busy worker needs its CPU), never while handshakes are
+        under way (the gate's thread would wait for the interpreter lock), and never with TLS (each
         TLS connection is read on a thread of its own) or ``inline`` isolation.
         """
         engine = self._engine
-        if engine is None or self._pending or engine.in_flight >= self.workers:
+        if engine is None or self.pending or engine.in_flight >= self.workers:
             return 0.0
         return self.busy_poll
 
@@ -588,60 +570,80 @@ class _InlineRunner:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def _wake(sock: socket.socket) -> None:
-    """End a connection that another thread (its handshake thread) owns: shut it down,
-    which wakes that thread, but never close it here. Closing would free the fd number
-    while the owner may still use it (say, in the middle of wrapping it for TLS), and the
-    next accepted connection could get that number. The owner closes it."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain method, TLS or not
-    except (OSError, ValueError):
-        pass
-
-
-def _close(sock: socket.socket) -> None:
-    """Shut down and close a connection this thread owns."""
-    _wake(sock)
-    sock.close()
-
-
 def server_token(address: Address, token_file: str | None) -> bytes:
     """The token a server uses: ``token_file``, else ``OFFLOAD_TOKEN``; on a loopback
-    address with neither, a new random token written to a fresh 0600 file whose path is
-    printed on stderr.
+    address with neither, a new random token written to a fresh 0600 file (in a fresh
+    0700 directory) whose path is printed on stderr. That directory is removed when the
+    process exits (:func:`remove_generated_tokens`; :func:`serve_until_signalled` and an
+    ``atexit`` hook call it).
+
+    Tokens are read by the one rule of :func:`offload.protocol.auth.check_token`, the
+    client's too: a text token without its surrounding white space (the file's final
+    newline), a binary one byte for byte.
 
     Raises:
         ValueError: a non-loopback address and no token (the token is a shell on this
             machine; listening without one would hand that out to the network).
+        AuthenticationError: a token shorter than 32 bytes, or a token file that others
+            may read or write.
     """
     from offload.client.remote import TOKEN_ENV, read_token_file
 
     if token_file:
         return read_token_file(token_file)
     if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV].strip().encode()
+        return check_token(os.environ[TOKEN_ENV])
     if not address.is_loopback():
         raise ValueError(
             f"refusing to listen on {address} without a token: pass --token-file FILE or "
             "set OFFLOAD_TOKEN (whoever holds the token can run any code on this machine)"
         )
+    import atexit
     import sys
     import tempfile
 
     token = os.urandom(32).hex().encode()
     directory = tempfile.mkdtemp(prefix="offload-")  # mode 0700
+    if not _generated_token_dirs:
+        atexit.register(remove_generated_tokens)
+    _generated_token_dirs.append(directory)
     path = os.path.join(directory, "token")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(token + b"\n")
-    print(f"offload: no token given; wrote a new one to {path}", file=sys.stderr, flush=True)
+    print(
+        f"offload: no token given; wrote a new one to {path} (removed when this server exits)",
+        file=sys.stderr,
+        flush=True,
+    )
     return token
+
+
+# Directories of the tokens server_token() made, removed at exit: a token left behind
+# in /tmp would open a later server on the same port to whoever can still read it.
+_generated_token_dirs: list[str] = []
+
+
+def remove_generated_tokens() -> None:
+    """Remove the token files (and their directories) that :func:`server_token` made in
+    this process. Idempotent."""
+    import shutil
+
+    while _generated_token_dirs:
+        shutil.rmtree(_generated_token_dirs.pop(), ignore_errors=True)
 
 
 def serve_until_signalled(server: Server, drain_timeout: float) -> int:
     """Start ``server``, serve until SIGTERM or SIGINT, drain; return the exit status
     (0: every call finished; 3: calls were killed at the drain deadline; 1: could not
-    start)."""
+    start). Removes the token :func:`server_token` generated before it returns."""
+    try:
+        return _serve_until_signalled(server, drain_timeout)
+    finally:
+        remove_generated_tokens()
+
+
+def _serve_until_signalled(server: Server, drain_timeout: float) -> int:
     import select
     import signal
     import sys
@@ -684,7 +686,9 @@ def serve_until_signalled(server: Server, drain_timeout: float) -> int:
     print(f"offload: {outcome}; exiting", file=sys.stderr, flush=True)
     if not clean and server.inline_running:
         # Inline calls run on threads of this process, which the interpreter would wait
-        # for at exit: ending the process is the only way to kill them.
+        # for at exit: ending the process is the only way to kill them (and os._exit
+        # runs no atexit hook: the generated token goes now).
+        remove_generated_tokens()
         sys.stdout.flush()
         os._exit(3)
     return 0 if clean else 3

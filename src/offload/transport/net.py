@@ -143,8 +143,17 @@ def _port(port: int) -> int:
     return port
 
 
-def listen(address: Address, backlog: int = 128) -> socket.socket:
-    """A listening socket for ``address`` (a Unix socket goes in a 0700 directory)."""
+LISTEN_BACKLOG = 1024
+
+
+def listen(address: Address, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """A listening socket for ``address`` (a Unix socket goes in a 0700 directory).
+
+    The backlog is long (the kernel caps it at ``net.core.somaxconn``) because a full
+    accept queue drops new connection attempts, and a dropped SYN costs a legitimate
+    client a retransmission timeout (1 s, then 3 s, 7 s...): under a burst of connections
+    the queue must absorb them until the server has accepted (and shed) them.
+    """
     if address.is_unix:
         directory = os.path.dirname(address.host) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -225,18 +234,41 @@ def _exchange(
             data = sock.recv(4096)
         except TimeoutError as exc:
             raise AuthenticationError("the handshake did not finish in time") from exc
-        handshake.receive_data(data)
+        try:
+            handshake.receive_data(data)
+        except AuthenticationError:
+            refusal = handshake.data_to_send()  # a server's answer to a wrong proof
+            if refusal:
+                try:
+                    sock.sendall(refusal)
+                except OSError:
+                    pass
+            raise
 
 
 def client_handshake(
-    sock: socket.socket, token: bytes, timeout: float, sealed: bool
+    sock: socket.socket,
+    token: bytes,
+    timeout: float,
+    sealed: bool,
+    peer: str = "the server",
 ) -> tuple[Sealer | None, bytes]:
-    """Prove the token, check the server's proof; (sealer for later frames, leftover)."""
-    handshake = ClientHandshake(token)
+    """Prove the token, check the server's proof; (sealer for later frames, leftover).
+
+    ``peer`` names the server in error messages.
+
+    Raises:
+        AuthenticationError: the server refused the token, did not prove it, timed out
+            or hung up.
+        NoWorkerAvailable: the server took the token but refused the client (at its
+            connection limit, or shutting down).
+        ProtocolError: the bytes are not an offload handshake.
+    """
+    handshake = ClientHandshake(token, peer=peer)
     try:
         leftover = _exchange(sock, handshake, time.monotonic() + timeout)
     except (OSError, ssl.SSLError) as exc:
-        raise AuthenticationError(f"the server closed or broke the handshake: {exc}") from exc
+        raise AuthenticationError(f"{peer} closed or broke the handshake: {exc}") from exc
     send_key, receive_key = handshake.session_keys()
     return (Sealer(send_key, receive_key) if sealed else None), leftover
 

@@ -20,6 +20,11 @@ prints can corrupt the channel.
 5. End of file on the socket means the parent is gone (or gave up on us): the worker kills
    its whole process group at once, so a task's subprocesses die with it. The parent-death
    signal (Linux) covers the parent dying before the reader notices.
+6. On Linux the worker is a child subreaper: the orphans of its tasks' subprocesses (a
+   double-forked daemon) become its children instead of init's, so they stay its
+   descendants, and the parent finds and kills them with the worker. Their zombies are
+   reaped after calls (:meth:`Runtime.reap_orphans`), never one that a ``Popen`` or a
+   ``multiprocessing`` process of the task will wait for.
 
 The worker imports nothing from the client side.
 """
@@ -106,6 +111,10 @@ class Runtime:
         self._functions: dict[bytes, Callable[..., Any]] = {}
         self._send_lock = _thread.allocate_lock()
         self._closed = False
+        # Adopted orphans (see reap_orphans): when to look for their zombies next.
+        self.subreaper = False
+        self._next_reap = 0.0
+        self._reap_lock = _thread.allocate_lock()
 
     # -- output --------------------------------------------------------------------------
 
@@ -200,6 +209,8 @@ class Runtime:
                     # a write with the next call's would make it wait for that call,
                     # however long it runs.
                     self.send(self.timed_run(msg))
+                    if self.subreaper:
+                        self.reap_orphans()
                 elif isinstance(msg, p.Shutdown):
                     return
                 else:
@@ -242,6 +253,43 @@ class Runtime:
                 self.cancelled.discard(call.call_id)
                 continue
             self.send(self.timed_run(call))
+            if self.subreaper:
+                self.reap_orphans()
+
+    def reap_orphans(self) -> None:
+        """Reap the zombies of orphans this worker adopted as a child subreaper.
+
+        Cheap when there is nothing to do: at most one ``waitid`` probe per
+        ``_REAP_INTERVAL``. A zombie child is reaped only when nothing in this process
+        will wait for it: not a live ``subprocess.Popen`` (nor one ``subprocess`` keeps
+        to reap later) and not a ``multiprocessing`` child. A task that forks with
+        ``os.fork`` and waits for the child in a later call loses its status; nothing
+        else does.
+        """
+        now = _clock()
+        if now < self._next_reap or not self._reap_lock.acquire(False):
+            return
+        try:
+            self._next_reap = now + _REAP_INTERVAL
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except OSError:  # no children at all (ChildProcessError)
+                return
+            if info is None:
+                return
+            claimed = _claimed_pids()
+            for pid in _zombie_children():
+                if pid not in claimed:
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except OSError:
+                        pass
+            if info.si_pid in claimed:
+                # A zombie someone will wait for hides others from the probe: look
+                # less often while it lingers (the scan above is not free).
+                self._next_reap = now + _REAP_BACKOFF
+        finally:
+            self._reap_lock.release()
 
     def timed_run(self, call: p.Call) -> p.Result:
         """:meth:`run`, with the time it took in ``Result.elapsed`` (the client sizes its
@@ -339,6 +387,59 @@ class Runtime:
         )
 
 
+_REAP_INTERVAL = 0.1  # seconds between looks for adopted orphans' zombies
+_REAP_BACKOFF = 5.0  # ... while a zombie that someone will wait for lingers
+
+
+def _zombie_children() -> list[int]:
+    """Pids of this process's children that have exited and are not reaped (Linux)."""
+    zombies = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(b"/proc/%s/stat" % pid, "rb") as f:
+                    state = f.read().rpartition(b")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == b"Z":
+                zombies.append(int(pid))
+    return zombies
+
+
+def _claimed_pids() -> set[int]:
+    """Pids of children that a Popen or a multiprocessing process object of this process
+    will wait for (so an orphan reaper must leave their zombies alone)."""
+    import gc
+
+    classes: list[type] = []
+    claimed: set[int] = set()
+    subprocess = sys.modules.get("subprocess")
+    if subprocess is not None:
+        classes.append(subprocess.Popen)
+        # Popens dropped unwaited: subprocess reaps them on its next start.
+        claimed.update(proc.pid for proc in list(getattr(subprocess, "_active", None) or ()))
+    popen_fork = sys.modules.get("multiprocessing.popen_fork")
+    if popen_fork is not None:
+        classes.append(popen_fork.Popen)  # also the spawn and forkserver ones
+    if classes:
+        kinds = tuple(classes)
+        for obj in gc.get_objects():
+            if isinstance(obj, kinds) and getattr(obj, "returncode", None) is None:
+                pid = getattr(obj, "pid", None)
+                if isinstance(pid, int):
+                    claimed.add(pid)
+    return claimed
+
+
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
@@ -387,9 +488,15 @@ def _set_title(name: str) -> None:
 PARENT_DEATH_SIGNAL = _signal.SIGHUP
 
 
+_prctl_function: Callable[..., int] | None = None
+
+
 def _prctl() -> Callable[..., int]:
     """libc's prctl(), through ``_ctypes`` directly: the ``ctypes`` package costs a
     worker about a millisecond more to import, on every start."""
+    global _prctl_function
+    if _prctl_function is not None:
+        return _prctl_function
     import _ctypes
 
     ct: Any = _ctypes  # the private C half of ctypes; its stubs describe the public one
@@ -405,7 +512,20 @@ def _prctl() -> Callable[..., int]:
         _handle = ct.dlopen(None, 2)  # RTLD_NOW, the running program's symbols
 
     function: Callable[..., int] = Function(("prctl", Libc()))
+    _prctl_function = function
     return function
+
+
+def _become_subreaper() -> bool:
+    """Linux: adopt the orphans of our descendants (PR_SET_CHILD_SUBREAPER), so that a
+    task's double-forked daemons stay our descendants and die with us when killed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    pr_set_child_subreaper = 36
+    try:
+        return _prctl()(pr_set_child_subreaper, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError, ImportError):
+        return False
 
 
 def _set_parent_death_signal(parent_pid: int) -> None:
@@ -456,6 +576,7 @@ def run_worker(settings: dict[str, Any] | None = None) -> NoReturn:
     name = settings.get("name", "offload-worker")
     _set_title(name)
     runtime = _runtime = Runtime(settings)
+    runtime.subreaper = _become_subreaper()
 
     def on_parent_death(signum: int, frame: Any) -> None:
         runtime.die("the parent died")  # take the whole process group along
