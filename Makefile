@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Only the folders that exist: a fresh clone has no empty benchmarks/ or examples/.
 LINT_PATHS := $(wildcard src tests benchmarks examples)
 
-.PHONY: all demo test bench lint format clean
+.PHONY: all demo test test-unit test-process test-network bench lint format clean
 
 all: test
 
@@ -42,6 +42,17 @@ test: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy --strict src/offload
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# One tier of tests at a time (tests/conftest.py assigns the tiers; `make test` runs all).
+# unit: no processes, no sockets. process: real local workers. network: sockets and servers.
+test-unit: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+test-process: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -m process $(PYTEST_ARGS)
+
+test-network: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -m network $(PYTEST_ARGS)
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m compileall -q src >/dev/null  # workers start from fresh bytecode

@@ -1,11 +1,21 @@
-"""Shared test fixtures.
+"""Shared test fixtures, and the three tiers of tests.
+
+Tiers: every test gets exactly one of the markers ``unit``, ``process`` and
+``network`` (see ``TIERS``), from the table ``TIER_OF_FILE`` by the file it is in,
+unless it carries one already (the contract suite marks its remote worker kind
+``network``). ``make test-unit`` / ``test-process`` / ``test-network`` run one tier;
+``make test`` runs them all. A ``unit`` test is checked as it runs: if a thread other
+than offload's I/O loop starts a process or opens a socket, it fails (an audit hook,
+``unit_tier_guard``).
 
 Every test runs under ``no_leaks``: a test that leaves behind a child process
 (running or zombie), a thread, or an open file descriptor fails at teardown.
-The one exception is offload's process-wide I/O loop, which is started lazily
-by the first test that needs it and lives for the rest of the process: its
-thread (named ``offload-io...``) and the fds it reports through
-``offload.transport.loop.owned_fds()`` are ignored.
+The exceptions are what lives longer than one test on purpose: offload's
+process-wide I/O loop, which is started lazily by the first test that needs it
+and lives for the rest of the process (its thread, named ``offload-io...``, and the
+fds it reports through ``offload.transport.loop.owned_fds()`` are ignored); the
+forkserver templates; and processes a fixture shared by many tests declared with
+``long_lived`` (a shared ``offload serve``: it and all its descendants are ignored).
 
 Hung tests are handled by pytest-timeout (configured in pyproject.toml with
 ``timeout_method = "thread"``), which dumps the stack of every thread before
@@ -20,8 +30,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -34,13 +46,131 @@ _IO_THREAD_PREFIX = "offload-io"
 _HAVE_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
+# --------------------------------------------------------------------------- #
+# Tiers
+# --------------------------------------------------------------------------- #
+
+TIERS = {
+    "unit": "no processes, no sockets: the protocol, the scheduler, futures, option checks",
+    "process": "real local worker processes: the contract suite, crashes, pools, lifecycle",
+    "network": "sockets and real `offload serve` servers on 127.0.0.1 (and the I/O loop)",
+}
+DEFAULT_TIER = "process"
+# The tier of each test file ("file::test" for one test of a file that has another);
+# a file not listed here is in DEFAULT_TIER.
+TIER_OF_FILE = {
+    "test_engine.py": "unit",  # the engine driven by fake slots on a fake clock
+    "test_future.py": "unit",
+    "test_messages.py": "unit",
+    "test_option_validation.py": "unit",
+    "test_protocol.py": "unit",
+    "test_public_api.py": "unit",
+    "test_public_api.py::test_worker_start_up_imports_stay_small": "process",  # runs python
+    "test_outcome.py": "unit",
+    "test_scheduler.py": "unit",
+    "test_tokens.py": "unit",
+    "test_worker_units.py": "unit",
+    "test_cancel_and_options.py": "process",
+    "test_conftest_self.py": "process",  # inner pytest runs whose tests start processes
+    "test_contract.py": "process",  # its remote worker kind is marked network
+    "test_crash_matrix.py": "process",
+    "test_lifecycle.py": "process",
+    "test_pool.py": "process",
+    "test_process_reliability.py": "process",
+    "test_progress.py": "process",
+    "test_readme.py": "process",
+    "test_shutdown_exit_fork.py": "process",
+    "test_stress.py": "process",
+    "test_worker_api.py": "process",
+    "test_loop.py": "network",  # the I/O loop's channels over socket pairs
+    "test_remote.py": "network",
+    "test_remote_security.py": "network",
+    "test_server_hardening.py": "network",
+    "test_server_session.py": "network",  # a server session over socket pairs
+}
+
+
+def tier_of(path: Path, name: str) -> str:
+    """The tier of test ``name`` (the function's name, without parameters) in ``path``."""
+    return TIER_OF_FILE.get(f"{path.name}::{name}", TIER_OF_FILE.get(path.name, DEFAULT_TIER))
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for tier, what in TIERS.items():
+        config.addinivalue_line("markers", f"{tier}: tier of tests: {what}")
     config.addinivalue_line("markers", "slow: a slow test (deselect with -m 'not slow')")
     config.addinivalue_line(
         "markers",
         "leak_grace(seconds): how long the no_leaks fixture waits for background "
         f"cleanup before reporting a leak (default {LEAK_GRACE_SECONDS:g})",
     )
+    config.addinivalue_line(
+        "markers",
+        "requires(capability): test_contract.py runs the test only for the kinds of "
+        "worker that have the capability, and skips it with a reason for the others",
+    )
+    _install_unit_guard()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test without a tier marker the tier of its file."""
+    for item in items:
+        if any(item.get_closest_marker(tier) is not None for tier in TIERS):
+            continue
+        name = getattr(item, "originalname", item.name)
+        item.add_marker(tier_of(item.path, name))
+
+
+# The unit tier's guard: an audit hook (added once, never removed: audit hooks cannot
+# be) that notes the processes started and sockets made while a unit test runs.
+_GUARDED_EVENTS = frozenset(
+    {
+        "os.exec",
+        "os.fork",
+        "os.forkpty",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.system",
+        "subprocess.Popen",
+        "socket.__new__",  # socket(), socketpair(), accept(), fromfd()
+    }
+)
+_guard: dict[str, Any] = {"installed": False, "on": False, "seen": []}
+
+
+def _unit_audit_hook(event: str, args: tuple[Any, ...]) -> None:
+    if not _guard["on"] or event not in _GUARDED_EVENTS:
+        return
+    thread = threading.current_thread()
+    if thread.name.startswith(_IO_THREAD_PREFIX):
+        return  # the process-wide loop may still be finishing an earlier test's work
+    _guard["seen"].append(f"{event}{args[:2]!r} in thread {thread.name}")
+
+
+def _install_unit_guard() -> None:
+    if not _guard.get("installed"):  # once per copy of this module (pytester makes more)
+        sys.addaudithook(_unit_audit_hook)
+        _guard["installed"] = True
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A ``unit`` test fails if it started a process or made a socket."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    _guard["seen"] = seen = []
+    _guard["on"] = True
+    try:
+        yield
+    finally:
+        _guard["on"] = False
+    if seen:
+        pytest.fail(
+            "a unit test must start no process and open no socket (or move its file, or "
+            "it, to another tier in conftest.TIER_OF_FILE); it did:\n  " + "\n  ".join(seen),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +262,39 @@ def _forkserver_templates() -> set[int]:
     return forkserver.template_pids()
 
 
+# Pids of processes shared by many tests (see ``long_lived``).
+_LONG_LIVED: set[int] = set()
+
+
+def _long_lived_tree() -> set[int]:
+    """The long-lived processes and all their descendants."""
+    pids = set(_LONG_LIVED)
+    for pid in _LONG_LIVED:
+        try:
+            pids.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return pids
+
+
+@pytest.fixture(scope="session")
+def long_lived() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """``with long_lived(pid): ...``: inside the block, the process ``pid`` (one a
+    module- or session-scoped fixture started, shared by many tests) and all its
+    descendants are no leak of the test that happens to be running. Leaving the block
+    stops nothing: the fixture stops its process itself, inside it."""
+
+    @contextlib.contextmanager
+    def declare(pid: int) -> Iterator[None]:
+        _LONG_LIVED.add(pid)
+        try:
+            yield
+        finally:
+            _LONG_LIVED.discard(pid)
+
+    return declare
+
+
 def _is_zombie(proc: psutil.Process) -> bool:
     try:
         return proc.status() == psutil.STATUS_ZOMBIE
@@ -143,10 +306,8 @@ def _find_leaks(base: _Snapshot) -> _Leaks:
     leaks = _Leaks()
     # A new child that exited but was never waited for (a zombie) is a leak too:
     # the library must reap what it starts.
-    templates = _forkserver_templates()
-    leaks.children = [
-        p for p in _children() if p.pid not in base.children and p.pid not in templates
-    ]
+    shared = _forkserver_templates() | _long_lived_tree()
+    leaks.children = [p for p in _children() if p.pid not in base.children and p.pid not in shared]
     leaks.threads = [
         t
         for t in threading.enumerate()

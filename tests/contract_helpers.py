@@ -106,8 +106,12 @@ def segfault() -> None:
 
 
 def block(started: str, limit: float = LONG) -> str:
-    """Signal that the call is running (create ``started``), then block for ``limit`` s."""
-    Path(started).touch()
+    """Signal that the call is running (create ``started``, holding this process's pid),
+    then block for ``limit`` s."""
+    path = Path(started)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(str(os.getpid()))
+    partial.replace(path)  # whoever sees the file sees the whole pid
     time.sleep(limit)
     return "not stopped"
 

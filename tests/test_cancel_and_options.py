@@ -110,3 +110,27 @@ def test_init_name_names_delegated_workers() -> None:
         assert isinstance(err, offload.WorkerKilled) and err.worker == "from-init", repr(err)
     finally:
         set_delegate_defaults(**saved)
+
+
+@pytest.mark.parametrize("how", ["cancel", "kill"])
+def test_a_withdrawn_call_never_runs_and_nothing_is_blamed_on_the_next(
+    tmp_path: Path, how: str
+) -> None:
+    """The worker may have read the call with the one it runs: it must still skip it
+    (it looks for Cancels between calls) and say so, and the call behind it must not
+    inherit its place."""
+    started = tmp_path / "started"
+    release = tmp_path / "release"
+    with offload.spawn() as worker:
+        first = worker.submit(t.touch_then_wait, str(started), str(release))
+        doomed = worker.submit(t.segfault)  # would crash the worker if it ran
+        innocent = worker.submit(t.ident, "innocent")
+        assert t.wait_for_file(str(started), RESOLVE_TIMEOUT)
+        assert not doomed.running()
+        assert (doomed.cancel() if how == "cancel" else doomed.kill()) is True
+        release.write_text("go")
+        assert first.result(timeout=RESOLVE_TIMEOUT) is None
+        assert innocent.result(timeout=RESOLVE_TIMEOUT) == "innocent"
+        assert doomed.cancelled()
+        assert worker.call(t.ident, 1) == 1
+        assert worker._engine.stats_failed == 0

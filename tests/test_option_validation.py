@@ -509,15 +509,14 @@ def test_serve_command_rejects_bad_arguments_before_making_a_token(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from offload import cli
-    from offload.server import server
+    from offload import cli, tokens
 
     monkeypatch.delenv("OFFLOAD_TOKEN", raising=False)
 
     def no_token(*args: Any) -> bytes:
         raise AssertionError("server_token() ran: the arguments were not checked first")
 
-    monkeypatch.setattr(server, "server_token", no_token)
+    monkeypatch.setattr(tokens, "server_token", no_token)
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("offload serve: ")

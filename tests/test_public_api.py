@@ -27,11 +27,9 @@ def test_unknown_attribute_raises_attribute_error() -> None:
 
 
 def test_worker_start_up_imports_stay_small() -> None:
-    # A worker imports offload.worker.runtime first; keep the client side, typing and
+    # A worker imports offload.worker.loop first; keep the client side, typing and
     # hashlib out of it (each costs milliseconds on every worker start).
-    code = (
-        "import sys; import offload.worker.runtime; print(' '.join(sorted(m for m in sys.modules)))"
-    )
+    code = "import sys; import offload.worker.loop; print(' '.join(sorted(m for m in sys.modules)))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()

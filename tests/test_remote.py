@@ -38,7 +38,7 @@ import offload
 import remote_tasks as rt
 from offload.protocol import PROTOCOL_VERSION, PYTHON_VERSION, Hello
 from offload.protocol.auth import Sealer, ServerHandshake
-from offload.protocol.messages import encode_body
+from offload.protocol.codec import encode_body
 from remote_helpers import die_with_parent
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -367,12 +367,13 @@ def test_relayed_results_are_passed_on_in_batches_and_always_flushed() -> None:
     to the client instead of one per result), and never leaves a result held back."""
     from offload import protocol as p
     from offload.client.engine import Engine
+    from offload.client.local import LocalSlot
     from offload.client.options import make_options
     from offload.serde import dumps
 
     calls = 2000
     sink = _RecordingSink(calls)
-    engine = Engine(make_options(), 1, keep_warm=True, label="relay-test")
+    engine = Engine(make_options(), 1, keep_warm=True, label="relay-test", slot_factory=LocalSlot)
     engine.start()
     try:
         ids = []
@@ -517,10 +518,13 @@ def test_connect_per_call_timeout(serve: ServeFactory, token: str, tmp_path: Pat
     server.stop(expect=0)
 
 
+@pytest.mark.parametrize("isolation", ["pool", "inline"])
 def test_connect_progress_reports_arrive_through_the_server(
-    serve: ServeFactory, token: str, tmp_path: Path
+    serve: ServeFactory, token: str, tmp_path: Path, isolation: str
 ) -> None:
-    server = serve()
+    """``offload.report`` reaches the client from a worker of the server and from a call
+    on the server's own threads (``--isolation inline``) alike."""
+    server = serve("127.0.0.1:0", "--isolation", isolation)
     seen: list[Any] = []
     go = tmp_path / "go"
     with offload.connect(server.address, token=token) as w:

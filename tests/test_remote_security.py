@@ -15,6 +15,10 @@ the case allows) and is followed by the same three checks:
 
 The client side is attacked with fake servers (a thread in this process): stray
 results, unknown messages, an impostor without the token.
+
+No test sleeps to let something happen: each waits for a condition it can read (the
+kernel's socket queues in ``/proc/net/tcp``, the server's ``status`` counters, a callback
+run by offload's I/O loop), bounded by a deadline.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import socket
 import ssl
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -45,6 +51,7 @@ from offload.protocol.auth import (
     refusal,
 )
 from offload.protocol.connection import DEFAULT_MAX_MESSAGE_SIZE, HEADER, MAC_SIZE
+from offload.transport.loop import get_loop
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/proc/self/task"), reason="reads /proc/PID/task and /proc/PID/fd"
@@ -122,6 +129,80 @@ def assert_recovers(srv: Served, *markers: Path) -> None:
     for marker in markers:
         assert not marker.exists(), f"an attacker's pickle was unpickled: {marker} exists"
     assert srv.proc.proc is not None and srv.proc.proc.poll() is None, "the server exited"
+
+
+_POLL = 0.01
+
+
+def wait_until(predicate: Callable[[], bool], limit: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail after ``limit`` seconds (for conditions
+    of another process or of the kernel, which nothing here can be told about)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"waited {limit:g} s for {what}"
+        time.sleep(_POLL)
+
+
+def tcp_queues(local_port: int, remote_port: int = 0) -> tuple[int, int] | None:
+    """``(tx_queue, rx_queue)`` of the TCP socket on 127.0.0.1:``local_port`` whose peer
+    is 127.0.0.1:``remote_port`` (0: the listening socket, whose rx_queue is its accept
+    queue), from ``/proc/net/tcp``; None if there is no such socket."""
+    loopback = "0100007F"
+    local = f"{loopback}:{local_port:04X}"
+    remote = f"{loopback}:{remote_port:04X}" if remote_port else "00000000:0000"
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+def accept_queue_empty(port: int) -> bool:
+    """Whether the server listening on ``port`` has accepted every connection made."""
+    return tcp_queues(port) == (0, 0)
+
+
+def server_read_everything(port: int, sock: socket.socket) -> bool:
+    """Whether every byte sent on ``sock`` (a client of the server on ``port``) has left
+    it and been read by the server (both kernel queues between them are empty)."""
+    client_port = sock.getsockname()[1]
+    return tcp_queues(client_port, port) == (0, 0) and tcp_queues(port, client_port) == (0, 0)
+
+
+def server_status(srv: Served) -> dict[str, Any]:
+    """The server's ``offload status`` record."""
+    from offload.client.remote import RemoteTarget, query
+
+    target = RemoteTarget.parse(srv.address, srv.token, srv.tls, (5.0, 30.0))
+    _, status, _ = query(target, 5.0, status=True)
+    return status
+
+
+def calls_finished(srv: Served) -> int:
+    """How many calls the server has finished, served or failed."""
+    status = server_status(srv)
+    return int(status["calls_served"]) + int(status["calls_failed"])
+
+
+def assert_ran_nothing_since(srv: Served, finished: int) -> None:
+    """The server has run no call since its finished count was ``finished``, and runs
+    none now. Asked once the server has handled what the attacker sent (it closed the
+    connection, or read every byte), so a call it had taken would show here, running,
+    queued or finished: the status is answered by the loop that handled those bytes."""
+    status = server_status(srv)
+    assert status["busy"] == 0 and status["queued"] == 0, status
+    now = int(status["calls_served"]) + int(status["calls_failed"])
+    assert now == finished, f"the server ran {now - finished} call(s): {status}"
+
+
+def loop_caught_up(limit: float = 5.0) -> None:
+    """Wait until offload's I/O loop has run everything queued before now: whatever this
+    process's clients had read by then, they have handled."""
+    done = threading.Event()
+    get_loop().call_soon_from_anywhere(done.set)
+    assert done.wait(limit), f"the I/O loop ran no callback within {limit:g} s"
 
 
 def start_served(
@@ -466,7 +547,7 @@ def test_300_silent_connections(plain: Served, tls_server: Served, server: str) 
     srv = plain if server == "plain" else tls_server
     with h.many_sockets() as socks:
         _open_silent(srv.port, 300, socks)
-        time.sleep(0.2)  # let the accept loop take them all
+        wait_until(lambda: accept_queue_empty(srv.port), 10.0, "the server to accept all 300")
         assert_serves(srv)
     assert_recovers(srv)
 
@@ -510,12 +591,11 @@ def test_over_the_cap_the_oldest_unauthenticated_connection_is_evicted(
         assert evicted[-cap + 1 :].count(True) == 0, "newer connections were dropped"
         # Handshakes cost no thread (one selector runs them all); this bound is loose.
         bound = srv.baseline.threads + cap + 2
-        settle = time.monotonic() + 2.0
-        live = h.server_resources(proc.pid).threads
-        while live > bound and time.monotonic() < settle:
-            time.sleep(0.02)  # bounded poll of another process's thread count
-            live = h.server_resources(proc.pid).threads
-        assert live <= bound, f"{live} threads for {cap} pending"
+        wait_until(
+            lambda: h.server_resources(proc.pid).threads <= bound,
+            2.0,
+            f"at most {bound} server threads for {cap} pending handshakes",
+        )
         assert_serves(srv)
     assert_settles(srv)
 
@@ -539,11 +619,7 @@ def test_2000_connect_close_cycles(plain: Served, tls_server: Served, server: st
 
 
 def _calls_served(srv: Served) -> int:
-    from offload.client.remote import RemoteTarget, query
-
-    target = RemoteTarget.parse(srv.address, srv.token, srv.tls, (5.0, 30.0))
-    _, status, _ = query(target, 5.0, status=True)
-    return int(status["calls_served"])
+    return int(server_status(srv)["calls_served"])
 
 
 @pytest.mark.parametrize("server", ["plain", "tls"])
@@ -563,10 +639,8 @@ def test_a_client_that_stops_reading_does_not_hold_up_the_server(
             raw.send(
                 p.Call(call_id=i, kind=p.BY_VALUE, timeout=0.0, target="bytes", payload=payload)
             )
-        deadline = time.monotonic() + 30
-        while _calls_served(srv) < before + calls:  # results made, most not taken
-            assert time.monotonic() < deadline, "the server did not run the calls"
-            time.sleep(0.05)
+        # Results made, most of them not taken.
+        wait_until(lambda: _calls_served(srv) >= before + calls, 30.0, "the server to run them")
         assert_serves(srv)
         assert_serves(srv)
     assert_recovers(srv)  # the client left: its queued results are dropped
@@ -636,13 +710,14 @@ def test_tampered_frame_drops_the_connection_and_never_runs(
         raw.open(plain.token)
         raw.send(h.getpid_call(1))  # the connection works before the tampering
         assert raw.recv_result(1).status == p.OK
+        finished = calls_finished(plain)
         try:
             raw.sendall(TAMPERINGS[kind](raw, marker))
         except OSError:
             pass
         closed, _ = raw.closed_by_peer(CLOSE_LIMIT)
         assert closed, "the server kept a connection that sent a forged frame"
-    time.sleep(0.3)  # what the worker would have done, it would have done by now
+    assert_ran_nothing_since(plain, finished)  # the forged call was never taken
     assert_recovers(plain, marker)
 
 
@@ -689,7 +764,13 @@ def test_truncated_frame_after_auth(plain: Served, tmp_path: Path, then: str) ->
             assert closed
         else:
             assert_serves(plain)  # the half-sent frame holds up nobody
-            time.sleep(0.5)
+            finished = calls_finished(plain)
+            wait_until(
+                lambda: server_read_everything(plain.port, raw.sock),
+                CLOSE_LIMIT,
+                "the server to read the half frame",
+            )
+            assert_ran_nothing_since(plain, finished)  # it waits for the rest
             assert not marker.exists()
     assert_recovers(plain, marker)
 
@@ -1027,7 +1108,7 @@ def test_impostor_server_is_refused_before_anything_is_unpickled(tmp_path: Path,
             offload.connect(fake.address, token=token, start_timeout=3)
     assert time.monotonic() - started < 10
     assert fake.error is None or isinstance(fake.error, OSError), fake.error
-    time.sleep(0.2)
+    loop_caught_up()  # the client has closed; anything it had read, it has handled
     assert not marker.exists(), "the client unpickled what an impostor sent"
 
 

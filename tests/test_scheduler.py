@@ -776,19 +776,27 @@ def test_kill_queued_call_needs_no_kill() -> None:
 
 
 def test_kill_prefetched_call_cancels_it_in_the_worker() -> None:
-    # Sent ahead but not started: the worker drops it (KillCall) and lives on.
+    # Sent ahead but not started: the worker drops it (KillCall) and lives on. It may
+    # have read the call already, so the call keeps its place, withdrawn, until the
+    # worker answers (SKIPPED, or its result had it started meanwhile).
     d = Driver(1, concurrency=1, prefetch=1)
     d.start_all_ready()
     d.submit(1, 2, 3)
     assert d.outstanding() == (1, 2)
-    assert d.kill_call(2) == [
-        KillCall(0, 1, 2),
-        Resolve(2, Outcome.KILLED, 0, 2, 1),
-        SendCalls(0, 1, (3,)),
-    ]
-    assert d.outstanding() == (1, 3)
+    assert d.kill_call(2) == [KillCall(0, 1, 2), Resolve(2, Outcome.KILLED, 0, 2, 1)]
+    assert d.outstanding() == (1, 2)
+    assert d.s.calls[2].withdrawn
     assert d.state() is READY
     assert d.s.calls[1].started_at == 0.0
+    assert d.kill_call(2) == []  # once is enough
+    # The worker answers 1: 3 goes out, behind 2, which holds the running place until
+    # its SKIPPED answer comes.
+    assert d.result(1) == [SendCalls(0, 1, (3,))]
+    assert d.outstanding() == (2, 3)
+    assert d.s.calls[2].started_at is not None and d.s.calls[3].started_at is None
+    assert d.result(2) == []
+    assert d.outstanding() == (3,)
+    assert d.s.calls[3].started_at is not None
 
 
 def test_kill_call_on_an_independent_slot_kills_only_that_call() -> None:
@@ -1338,6 +1346,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.running_before = self.running_now()
         self.deadlines_before = {c: self.s.calls[c].deadline for c in self.s.calls}
         self.queue_before = set(self.s.queue)
+        # Withdrawn calls: resolved (killed after they were sent ahead) but still holding
+        # their place on a slot until the worker answers.
+        self.ghosts_before = {c for c, entry in self.s.calls.items() if entry.withdrawn}
 
     def slots_in(self, *states: SlotState) -> list[int]:
         return [slot.index for slot in self.s.slots if slot.state in states]
@@ -1437,6 +1448,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 continue
             if event == "kill_call" and res.get(call_id) is Outcome.KILLED:
                 continue  # the reason for the kill, not a bystander
+            if call_id in self.ghosts_before:
+                assert call_id not in res  # resolved before: it goes with its worker
+                continue
             self.attempts[call_id] = self.attempts.get(call_id, 0) + 1
             assert self.s.calls.get(call_id) is None or (
                 self.s.calls[call_id].attempts == self.attempts[call_id]
@@ -1453,14 +1467,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         where: dict[int, list[str]] = {c: [] for c in self.submitted}
         for c in queue:
             where[c].append("queue")
+        ghosts = {c for c, entry in s.calls.items() if entry.withdrawn}
         for slot in s.slots:
             for c in slot.outstanding:
-                where[c].append(f"slot{slot.index}")
+                if c not in ghosts:
+                    where[c].append(f"slot{slot.index}")
         for c in self.done:
             where[c].append("done")
         for c, places in where.items():
             assert len(places) == 1, f"call {c} is in {places} after {event}"
-        assert set(s.calls) == set(self.submitted) - set(self.done)
+        assert ghosts <= set(self.done)
+        assert all(s.calls[c].slot is not None for c in ghosts)  # only on a slot
+        assert set(s.calls) - ghosts == set(self.submitted) - set(self.done)
         # Queue: requeued calls first, then never-sent calls in submission order.
         fresh = [c for c in queue if c not in self.ever_sent]
         assert fresh == sorted(fresh)
@@ -1599,7 +1617,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def do_result(self, data: st.DataObject) -> None:
         call_id, i, gen = data.draw(st.sampled_from(sorted(self.running_before)))
         assert self.s.expects(i, gen, call_id)
-        self.done[call_id] = "result"
+        self.done.setdefault(call_id, "result")  # a withdrawn call was resolved before
         self.step(self.s.result(i, gen, call_id, self.now), "result")
         assert not self.s.expects(i, gen, call_id)
 
@@ -1623,7 +1641,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         elapsed = data.draw(st.none() | st.sampled_from([0.0001, 0.001, 0.1]))
         answered = [(c, elapsed) for c in chosen] + [(10_000, None)]
         for c in chosen:
-            self.done[c] = "result"
+            self.done.setdefault(c, "result")
         self.step(self.s.results(i, gen, answered, self.now), "result")
 
     @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]), fire=st.booleans())

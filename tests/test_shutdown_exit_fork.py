@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import offload
+from offload.client import call as call_module
 from offload.client import engine as engine_module
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -251,7 +252,7 @@ def test_queued_calls_hold_bounded_pickled_arguments(
     import reliability_tasks as t
 
     limit = 4 << 20
-    monkeypatch.setattr(engine_module, "MAX_QUEUED_BYTES", limit)
+    monkeypatch.setattr(call_module, "MAX_QUEUED_BYTES", limit)
     big = os.urandom(1 << 20)
     gate = tmp_path / "gate"
     with offload.Pool(1) as pool:
@@ -264,13 +265,13 @@ def test_queued_calls_hold_bounded_pickled_arguments(
             nonlocal highest
             for _ in range(20):
                 futs.append(pool.submit(len, big))
-                highest = max(highest, engine.queued_bytes)
+                highest = max(highest, engine.budget.used)
 
         thread = threading.Thread(target=flood)
         thread.start()
         # The flood stops at the limit and waits for room, holding no more than that.
-        wait_until(lambda: engine._room_waiters == 1)
-        assert engine.queued_bytes <= limit
+        wait_until(lambda: engine.budget.waiters == 1)
+        assert engine.budget.used <= limit
         assert thread.is_alive()
         assert len(futs) < 20
         gate.write_text("go")
@@ -279,7 +280,7 @@ def test_queued_calls_hold_bounded_pickled_arguments(
         assert blocker.result(timeout=30) is True
         assert [f.result(timeout=30) for f in futs] == [1 << 20] * 20
         assert highest <= limit
-        assert engine.queued_bytes == 0
+        assert engine.budget.used == 0
 
 
 def test_submit_waiting_for_room_raises_when_the_pool_shuts_down(
@@ -287,7 +288,7 @@ def test_submit_waiting_for_room_raises_when_the_pool_shuts_down(
 ) -> None:
     import reliability_tasks as t
 
-    monkeypatch.setattr(engine_module, "MAX_QUEUED_BYTES", 2 << 20)
+    monkeypatch.setattr(call_module, "MAX_QUEUED_BYTES", 2 << 20)
     big = os.urandom(1 << 20)
     pool = offload.Pool(1)
     started = tmp_path / "started"
@@ -305,7 +306,7 @@ def test_submit_waiting_for_room_raises_when_the_pool_shuts_down(
 
     thread = threading.Thread(target=flood)
     thread.start()
-    wait_until(lambda: engine._room_waiters == 1)
+    wait_until(lambda: engine.budget.waiters == 1)
     pool.shutdown(wait=True, cancel_futures=True, kill=True)
     thread.join(timeout=30)
     assert not thread.is_alive()
@@ -355,3 +356,27 @@ def test_failure_setting_up_a_worker_is_a_start_error(monkeypatch: pytest.Monkey
 def test_bad_option_fails_when_the_pool_is_made() -> None:
     with pytest.raises(TypeError, match="name"):
         offload.Pool(1, name=123)  # type: ignore[arg-type]
+
+
+KILL_WITH_A_STOPPED_IDLE_WORKER = """
+import json, os, signal, time, offload
+pool = offload.Pool(2, start_method=sys.argv[1])
+assert pool.submit(int, "1").result(timeout=30) == 1
+deadline = time.monotonic() + 30
+while len(pool.worker_pids()) < 2:
+    assert time.monotonic() < deadline
+    time.sleep(0.005)
+stopped = pool.worker_pids()[0]
+os.kill(stopped, signal.SIGSTOP)  # idle, and it cannot exit by itself
+start = time.monotonic()
+pool.shutdown(wait=True, kill=True)
+took = time.monotonic() - start
+print(json.dumps({"took": took, "pids": pool.worker_pids()}))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_shutdown_kill_ends_a_stopped_idle_worker(start_method: str) -> None:
+    seen = run_scenario(KILL_WITH_A_STOPPED_IDLE_WORKER, start_method)
+    assert seen["took"] < 0.5 + 3.0, seen
+    assert seen["pids"] == []

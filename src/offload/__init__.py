@@ -90,7 +90,7 @@ if TYPE_CHECKING:
     from offload.tasks import Task as Task
     from offload.tasks import task as task
     from offload.transport.net import TLS as TLS
-    from offload.worker.runtime import report as report
+    from offload.worker.execution import report as report
 
 _EXPORTS = {
     "Future": "offload.client.future",
@@ -109,7 +109,7 @@ _EXPORTS = {
     "init": "offload.program",
     "Task": "offload.tasks",
     "task": "offload.tasks",
-    "report": "offload.worker.runtime",
+    "report": "offload.worker.execution",
     **{
         name: "offload.errors"
         for name in (

@@ -45,7 +45,9 @@ def _log_warnings_to_stderr() -> None:
 
 def serve(args: argparse.Namespace) -> int:
     from offload.client.options import check_server_args
-    from offload.server.server import Server, serve_until_signalled, server_token
+    from offload.server.main import serve_until_signalled
+    from offload.server.server import Server
+    from offload.tokens import server_token
     from offload.transport.net import parse_address
 
     settings: dict[str, Any] = {
@@ -73,7 +75,7 @@ def _query(args: argparse.Namespace, status: bool) -> int:
 
     token = None
     if args.token_file:
-        from offload.client.remote import read_token_file
+        from offload.tokens import read_token_file
 
         token = read_token_file(args.token_file)
     target = RemoteTarget.parse(args.address, token, _tls_from(args), None)  # type: ignore[arg-type]

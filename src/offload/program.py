@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any
 
-from offload.worker.runtime import SETTINGS_ENV
+from offload.worker.settings import SETTINGS_ENV
 
 _VALUE_OPTIONS = ("--offload-host", "--offload-port", "--offload-token-file")
 _FLAG_OPTIONS = ("--offload-server",)
@@ -82,7 +82,7 @@ def init(
         AuthenticationError: a remote mode without a usable token.
     """
     if is_worker_process():
-        from offload.worker.runtime import run_worker
+        from offload.worker.loop import run_worker
 
         run_worker()
     from offload.client.options import check_init_args, parse_port
@@ -112,7 +112,7 @@ def init(
     if server:
         _serve(host or "127.0.0.1", port, token_file)  # never returns
     if host is not None:
-        from offload.client.remote import read_token_file, resolve_token
+        from offload.tokens import read_token_file, resolve_token
 
         token = read_token_file(token_file) if token_file else None
         options["where"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -124,7 +124,9 @@ def init(
 
 def _serve(host: str, port: int, token_file: str | None) -> None:
     """Become a worker server for this program's tasks; exits the process."""
-    from offload.server.server import Server, serve_until_signalled, server_token
+    from offload.server.main import serve_until_signalled
+    from offload.server.server import Server
+    from offload.tokens import server_token
     from offload.transport.net import parse_address
 
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

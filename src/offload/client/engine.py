@@ -1,11 +1,16 @@
-"""The driver: carries out the scheduler's decisions with real processes and sockets.
+"""The driver: carries out the scheduler's decisions with whatever fills the slots.
 
-:class:`Engine` owns a :class:`~offload.client.scheduler.Scheduler`, the
-:class:`WorkerProcess` of each slot and a record per call. Every stimulus (a submission
-from a user thread; a result, an exit or a timer from the I/O loop) is handled the same
-way: under the engine lock, feed the scheduler, then carry out its actions. Sends happen
-under the lock so a slot's calls reach its worker in the order the scheduler decided;
-resolving futures (which runs user callbacks) happens after the lock is released.
+:class:`Engine` owns a :class:`~offload.client.scheduler.Scheduler`, the worker of each
+slot (a :class:`~offload.client.slot.WorkerSlot` made by the slot factory it was given:
+a local process, a connection to a worker server, ...) and a record per call. Every
+stimulus (a submission from a user thread; a result, an exit or a timer from the I/O
+loop) is handled the same way: under the engine lock, feed the scheduler, then carry out
+its actions. Sends happen under the lock so a slot's calls reach its worker in the order
+the scheduler decided; resolving futures (which runs user callbacks) happens after the
+lock is released. The errors futures fail with are made in :mod:`offload.client.outcome`.
+
+The engine never knows which kind of worker a slot holds, and no slot kind imports it:
+slots report through the :class:`~offload.client.slot.SlotHost` protocol.
 """
 
 from __future__ import annotations
@@ -15,16 +20,16 @@ import itertools
 import logging
 import os
 import threading
-import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 from offload import protocol as p
+from offload.client import lifetime, outcome
+from offload.client.call import QueueBudget, encode_call
 from offload.client.future import Future
-from offload.client.options import WorkerOptions, env_for_worker, settings_for_worker
+from offload.client.options import WorkerOptions
 from offload.client.scheduler import (
     Action,
-    CallEntry,
     KillCall,
     KillWorker,
     Outcome,
@@ -34,521 +39,41 @@ from offload.client.scheduler import (
     StartWorker,
     StopWorker,
 )
-from offload.errors import (
-    ConnectionLost,
-    NoWorkerAvailable,
-    OffloadError,
-    ProtocolError,
-    RemoteError,
-    RemoteTraceback,
-    SerializationError,
-    StartError,
-    TaskTimeout,
-    WorkerCrashed,
-    WorkerKilled,
-    _tail_excerpt,
-    describe_exit,
-    likely_cause,
+from offload.client.slot import (
+    PUMP_WINDOW,
+    CallRecord,
+    ExitInfo,
+    RawSink,
+    SlotFactory,
+    WorkerSlot,
 )
-from offload.process.child import KILL_GRACE, ChildProcess, LaunchSpec, launch
-from offload.serde import culprit, dumps, function_reference, loads, type_name
-from offload.transport.channel import Channel, in_dispatch
+from offload.errors import OffloadError
+from offload.process.child import KILL_GRACE
+from offload.serde import loads
 from offload.transport.loop import Loop, Timer, get_loop
-
-if TYPE_CHECKING:
-    from offload.protocol.messages import CallFields
-from offload.worker.runtime import INIT_KIND
 
 log = logging.getLogger("offload")
 log.addHandler(logging.NullHandler())  # a library stays quiet unless configured
-# How long a waiting thread reads a worker's socket itself before leaving it to the
-# loop thread: long enough for a short call's answer, short enough that a result
-# resolved another way (timeout, kill) is noticed without delay worth measuring.
-PUMP_WINDOW = 0.002
 # After the kill grace, how long an abort waits for killed processes to be reported
 # gone (a pidfd fires at once; this only bounds a process that cannot be reaped).
 ABORT_MARGIN = 5.0
-# Pickled arguments of the calls waiting in the parent's queue, in bytes, beyond which
-# submit() waits for calls to go out to workers: a flood of submissions of large
-# arguments must not hold them all in memory at once (a single call always gets in).
-MAX_QUEUED_BYTES = 64 << 20
 _call_ids = itertools.count(1)
 
 
-def describe_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """``name(arg, key=value)``, shortened, for error messages."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring = 40
-    r.maxother = 40
-    name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", None) or repr(fn)
-    parts = [r.repr(a) for a in args[:4]]
-    if len(args) > 4:
-        parts.append("...")
-    parts += [f"{k}={r.repr(v)}" for k, v in list(kwargs.items())[:4]]
-    return f"{name}({', '.join(parts)})"
-
-
-@dataclass(slots=True, kw_only=True)
-class CallRecord(CallEntry):
-    """One call: the scheduler's fields (CallEntry, which only the scheduler writes) and
-    the driver's: its future and what to send. One object per call, so that a flood of
-    queued calls gives the garbage collector as little as possible to walk."""
-
-    future: Future[Any]
-    kind: int
-    target: str
-    payload: bytes
-    buffers: tuple[Any, ...]
-    function: bytes = b""
-    fn: Any = None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # Relayed calls (a server passing a client's call on): the sink gets the worker's
-    # Result message itself, never unpickled here, or the error the call failed with;
-    # progress goes to it as is. The future stays pending (nobody waits on it).
-    sink: RawSink | None = None
-    queued_bytes: int = 0  # what it counts in Engine.queued_bytes while in the parent's queue
-    started: bool = False  # its future is RUNNING (it stays so when the call is requeued)
-
-    def fields(self) -> CallFields:
-        """The fields of the Call to send, in wire order (the frame is made from them
-        when the call is sent: a queued call carries no message)."""
-        return (
-            self.call_id,
-            self.kind,
-            self.timeout or 0.0,
-            self.target,
-            self.function,
-            self.payload,
-            self.buffers,
-        )
-
-    def describe(self) -> str:
-        if self.sink is not None:
-            return self.target or "a relayed call"
-        return describe_call(self.fn, self.args, self.kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class ExitInfo:
-    """How a worker process ended, for error messages."""
-
-    name: str
-    pid: int | None
-    exitcode: int | None
-    signal: str | None
-    reason: str  # "exit" | "signal" | "unresponsive" | "memory" | "disconnected"
-    stderr_tail: str
-    detail: str = ""
-    remote: bool = False  # a connection to a worker server, not a local process
-
-    def crashed(self, call: str, message: str | None = None) -> WorkerCrashed:
-        """A WorkerCrashed (ConnectionLost for a server) naming ``call`` in one sentence."""
-        if self.remote:
-            what = self.detail or "lost its connection"
-            return ConnectionLost(
-                f"worker server {self.name} (pid {self.pid}) {what} while running {call}",
-                pid=self.pid,
-                reason=self.reason,  # type: ignore[arg-type]
-                worker=self.name,
-            )
-        if message is None:
-            if self.reason == "signal":
-                how = f"was killed by {self.signal}"
-            elif self.reason == "exit":
-                how = f"exited with status {self.exitcode}"
-            else:
-                how = self.detail or f"failed ({self.reason})"
-            message = f"worker {self.name} (pid {self.pid}) {how} while running {call}"
-            hint = self.detail if self.reason in ("signal", "exit") and self.detail else ""
-            hint = hint or likely_cause(self.signal, self.exitcode)
-            if self.reason in ("signal", "exit") and hint:
-                message += f"; {hint}"
-        tail = _tail_excerpt(self.stderr_tail)
-        message += f"; last stderr: {tail}" if tail else "; it wrote nothing to stderr"
-        return WorkerCrashed(
-            message,
-            pid=self.pid,
-            exitcode=self.exitcode,
-            signal=self.signal,
-            reason=self.reason,  # type: ignore[arg-type]
-            stderr_tail=self.stderr_tail,
-            worker=self.name,
-        )
-
-
-class RawSink(Protocol):
-    """Where the outcome of relayed calls goes (see :meth:`Engine.submit_raw`)."""
-
-    def call_done(
-        self, call_id: int, outcome: p.Result | BaseException, *, flush: bool = True
-    ) -> None:
-        """Call ``call_id`` ended: the worker's Result message, or the error it failed
-        with (an OffloadError; CancelledError when it was dropped unstarted). With
-        ``flush=False`` the outcome may wait for :meth:`flush` (the engine passes a
-        batch of results on that way, then flushes once)."""
-
-    def flush(self) -> None:
-        """Pass on the outcomes that ``call_done(..., flush=False)`` held back."""
-
-    def call_progress(self, msg: p.Progress) -> None:
-        """A progress report of one of the calls, as the worker sent it."""
-
-
-class SlotProcess(Protocol):
-    """What the engine needs of whatever fills a slot: a local :class:`WorkerProcess`
-    or a connection to a worker server (:class:`offload.client.remote.RemoteProcess`)."""
-
-    slot: int
-    gen: int
-    name: str
-    ready: bool
-    expected_exit: bool
-    channel: Channel | None
-
-    @property
-    def pid(self) -> int | None: ...
-    @property
-    def child(self) -> ChildProcess | None: ...
-    def start(self) -> None: ...
-    def send_calls(self, calls: list[CallFields]) -> None: ...
-    def flush(self) -> None: ...
-    def pump(self, future: Future[Any]) -> None: ...
-    def stop(self) -> None: ...
-    def kill(self, reason: str = "") -> None: ...
-    def kill_call(self, call_id: int) -> None: ...
-    def rss(self) -> int: ...
-
-
-class WorkerProcess:
-    """One worker process of a slot: its child process, its channel, its timers.
-
-    Lives on the I/O loop: every method but :meth:`send_calls`, :meth:`kill` and
-    :meth:`stop` runs on the loop thread.
-    """
-
-    def __init__(self, engine: Engine, slot: int, gen: int, name: str) -> None:
-        self.engine = engine
-        self.slot = slot
-        self.gen = gen
-        self.name = name
-        self.loop = engine.loop
-        self.child: ChildProcess | None = None
-        self.channel: Channel | None = None
-        self.ready = False
-        self.expected_exit = False  # stopped or killed on purpose
-        self.kill_reason = ""
-        self.protocol_error: BaseException | None = None
-        self.internal_error: BaseException | None = None  # offload failed, not the worker
-        self.channel_closed = False
-        self._timers: list[Timer] = []
-        self._last_seen = 0.0
-        self._ping_seq = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self.child.pid if self.child is not None else None
-
-    def __repr__(self) -> str:
-        state = "ready" if self.ready else "exiting" if self.expected_exit else "starting"
-        return f"<WorkerProcess {self.name} pid={self.pid} slot={self.slot} gen={self.gen} {state}>"
-
-    # -- start ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Launch the process (loop thread)."""
-        if self.expected_exit:  # killed before it was even launched
-            self.engine.discard(self)
-            return
-        opts = self.engine.options
-        spec = LaunchSpec(
-            name=self.name,
-            start_method=opts.start_method,
-            python=opts.python,
-            env=env_for_worker(opts),
-            cwd=opts.cwd,
-            umask=opts.umask,
-            stdout=opts.stdout,
-            stderr=opts.stderr,
-            settings=settings_for_worker(opts),
-        )
-        try:
-            self.child, sock = launch(spec, self.loop, self._on_exit)
-        except Exception as exc:  # noqa: BLE001 - whatever stops a launch is a StartError
-            self.expected_exit = True
-            self.engine.start_failed(
-                self,
-                StartError(f"worker {self.name} could not be started: {exc}", worker=self.name),
-            )
-            return
-        if self.expected_exit:  # killed while it was being launched
-            self.child.terminate()
-        try:
-            conn = p.Connection(
-                "client",
-                name=self.engine.label,
-                pid=os.getpid(),
-                max_message_size=opts.max_message_size,
-            )
-            self.channel = Channel(sock, conn, self.loop)
-            self.channel.on_messages = self._on_messages
-            self.channel.on_close = self._on_channel_close
-            self.channel.start()
-        except Exception as exc:  # noqa: BLE001 - whatever it is, the start failed
-            if self.channel is None:
-                sock.close()
-            self._fail_start(f"worker {self.name} could not be set up: {type_name(exc)}: {exc}")
-            return
-        self._timers.append(self.loop.call_later(opts.start_timeout, self._start_timed_out))
-        log.info("offload: started worker %s (pid %s)", self.name, self.child.pid)
-
-    def _start_timed_out(self) -> None:
-        if self.ready or self.expected_exit:
-            return
-        timeout = self.engine.options.start_timeout
-        self._fail_start(
-            f"worker {self.name} (pid {self.pid}) did not finish its handshake within "
-            f"{timeout:g} s (start_timeout)"
-            + (
-                "; with start_method='reexec' the program must call offload.init() first"
-                if self.engine.options.start_method == "reexec"
-                else ""
-            )
-        )
-
-    def _fail_start(self, message: str, cause: BaseException | None = None) -> None:
-        self.expected_exit = True
-        tail = self.child.stderr_tail() if self.child else ""
-        excerpt = _tail_excerpt(tail)
-        err: OffloadError
-        if isinstance(cause, ProtocolError):
-            err = cause
-        else:
-            err = StartError(
-                message + (f"; last stderr: {excerpt}" if excerpt else ""),
-                worker=self.name,
-                pid=self.pid,
-                exitcode=self.child.returncode if self.child else None,
-                stderr_tail=tail,
-            )
-        self.kill()
-        self.engine.start_failed(self, err)
-
-    # -- messages ------------------------------------------------------------------------
-
-    def _on_messages(self, msgs: list[p.Message]) -> None:
-        try:
-            self._handle_messages(msgs)
-        except Exception as exc:  # an error here must not strand futures
-            # A defect on this side (a callback of ours, not the user's: theirs are
-            # caught where they run). Nothing can tell which of the worker's calls it
-            # concerned any more, so the worker goes, and its calls fail typed.
-            log.exception("offload: handling the messages of worker %s failed", self.name)
-            if self.internal_error is None:
-                self.internal_error = exc
-                self.engine.worker_failed(self, "disconnected", self._exit_detail(None))
-
-    def _handle_messages(self, msgs: list[p.Message]) -> None:
-        self._last_seen = self.loop.clock()
-        results: list[p.Result] = []
-        for msg in msgs:
-            if isinstance(msg, p.Result) and msg.call_id != 0:
-                results.append(msg)
-            else:
-                self._on_message(msg)
-        if results:
-            self.engine.on_results(self, results)
-
-    def _on_message(self, msg: p.Message) -> None:
-        match msg:
-            case p.Result():  # call id 0: the initializer
-                self._initialized(msg)
-            case p.Progress():
-                self.engine.on_progress(msg)
-            case p.Hello():
-                self._handshake_done()
-            case p.Pong() | p.Goodbye():
-                pass
-            case _:
-                self._protocol_violation(
-                    ProtocolError(f"worker {self.name} sent an unexpected {type(msg).__name__}")
-                )
-
-    def _handshake_done(self) -> None:
-        opts = self.engine.options
-        if opts.initializer is None:
-            self._became_ready()
-            return
-        try:
-            data, buffers = dumps((opts.initializer, opts.initargs, {}))
-        except Exception as exc:  # noqa: BLE001 - any pickling failure is a start failure
-            self._fail_start(f"the initializer of {self.name} could not be pickled: {exc}")
-            return
-        assert self.channel is not None
-        self.channel.send(
-            p.Call(
-                call_id=0,
-                kind=INIT_KIND,
-                timeout=0.0,
-                target="initializer",
-                payload=data,
-                buffers=tuple(buffers),
-            )
-        )
-
-    def _initialized(self, msg: p.Result) -> None:
-        if msg.status == p.OK:
-            self._became_ready()
-            return
-        detail = msg.traceback.strip() or f"{msg.type_name}: {msg.message}"
-        self._fail_start(f"the initializer of worker {self.name} raised:\n{detail}")
-
-    def _became_ready(self) -> None:
-        self.ready = True
-        opts = self.engine.options
-        if opts.heartbeat is not None:
-            self._last_seen = self.loop.clock()
-            self._timers.append(self.loop.call_later(opts.heartbeat[0], self._heartbeat))
-        if opts.memory_limit is not None:
-            self._timers.append(self.loop.call_later(0.05, self._check_memory))
-        self.engine.worker_ready(self)
-
-    def _protocol_violation(self, exc: BaseException) -> None:
-        self.protocol_error = exc
-        self.kill_reason = ""
-        assert self.child is not None
-        self.child.kill()
-
-    def _on_channel_close(self, error: BaseException | None) -> None:
-        self.channel_closed = True
-        if error is not None:
-            if not self.ready and isinstance(error, ProtocolError):
-                self._fail_start(str(error), error)
-                return
-            self._protocol_violation(error)
-        # Otherwise the process is exiting; _on_exit reports it once it is gone.
-
-    # -- timers --------------------------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        if self.child is None or self.child.returncode is not None or self.expected_exit:
-            return
-        interval, timeout = self.engine.options.heartbeat or (0.0, 0.0)
-        if self.loop.clock() - self._last_seen > timeout:
-            self.engine.worker_failed(
-                self,
-                "unresponsive",
-                f"did not answer heartbeats for {timeout:g} s and was killed",
-            )
-            return
-        self._ping_seq += 1
-        assert self.channel is not None
-        self.channel.send(p.Ping(seq=self._ping_seq))
-        self._timers.append(self.loop.call_later(interval, self._heartbeat))
-
-    def _check_memory(self) -> None:
-        if self.child is None or self.child.returncode is not None or self.expected_exit:
-            return
-        self.engine.check_memory(self)
-        self._timers.append(self.loop.call_later(0.05, self._check_memory))
-
-    def rss(self) -> int:
-        """Resident memory of the worker process in bytes (0 if unknown)."""
-        try:
-            import psutil
-
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except Exception:  # noqa: BLE001 - gone or inaccessible
-            return 0
-
-    # -- calls ---------------------------------------------------------------------------
-
-    def send_calls(self, calls: list[CallFields]) -> None:
-        """Queue calls for the worker (engine lock held: it orders them); :meth:`flush`
-        writes them."""
-        if self.channel is not None:
-            self.channel.enqueue_calls(calls)
-
-    def flush(self) -> None:
-        """Write the queued calls (after the engine lock is released)."""
-        if self.channel is not None:
-            self.channel.flush()
-
-    def pump(self, future: Future[Any]) -> None:
-        """Let a thread waiting on ``future`` read this worker's answers itself for a
-        moment: a short call's result then skips the hand-off from the loop thread."""
-        channel = self.channel
-        if channel is not None:
-            channel.pump(future.done, PUMP_WINDOW)
-
-    # -- ending --------------------------------------------------------------------------
-
-    def stop(self) -> None:
-        """Ask the worker to exit once its calls are done."""
-        self.expected_exit = True
-        if self.channel is not None:
-            self.channel.send(p.Shutdown())
-
-    def kill_call(self, call_id: int) -> None:
-        """Drop a call sent ahead that has not started (the worker skips it)."""
-        if self.channel is not None:
-            self.channel.send(p.Cancel(call_id=call_id))
-
-    def kill(self, reason: str = "") -> None:
-        """Kill the process group now: SIGTERM, then SIGKILL after a short grace."""
-        self.expected_exit = True
-        self.kill_reason = reason
-        if self.child is not None:
-            self.child.terminate()
-
-    def _exit_detail(self, child: ChildProcess | None) -> str:
-        if self.protocol_error is not None:
-            return f"it broke the protocol ({self.protocol_error})"
-        if self.internal_error is not None:
-            exc = self.internal_error
-            return (
-                f"was killed because offload failed handling its messages ({type_name(exc)}: {exc})"
-            )
-        return child.exit_note if child is not None else ""
-
-    def _on_exit(self, child: ChildProcess) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        if self.channel is not None:
-            self.channel.drain()  # results written just before the exit still count
-            self.channel.close()
-        exitcode = child.returncode
-        signal_name, reason = describe_exit(exitcode)
-        info = ExitInfo(
-            name=self.name,
-            pid=child.pid,
-            exitcode=exitcode if reason == "exit" else None,
-            signal=signal_name,
-            reason=reason,
-            stderr_tail=child.stderr_tail(),
-            detail=self._exit_detail(child),
-        )
-        log_fn = log.info if self.expected_exit else log.warning
-        log_fn(
-            "offload: worker %s (pid %s) %s",
-            self.name,
-            child.pid,
-            f"exited with status {exitcode}" if reason == "exit" else f"killed by {signal_name}",
-        )
-        self.engine.process_exited(self, info)
-
-
 class Engine:
-    """Runs calls on ``slots`` worker processes with the given options.
+    """Runs calls on ``slots`` workers with the given options.
 
     Args:
         options: the worker options.
-        slots: number of worker processes.
+        slots: number of worker slots.
+        slot_factory: makes the worker of a slot (see :data:`~offload.client.slot.SlotFactory`).
+        independent: the slots whose calls die one by one (a worker server runs each
+            call in its own process), not with the slot.
         keep_warm: keep every slot started (pools) or start on demand (handles).
         max_start_failures: see :class:`Scheduler`.
+        prefetch: see :class:`Scheduler` (None: adaptive).
         label: a name for this engine in logs (the pool or worker name).
+        names: the name of each slot's worker.
         loop: the I/O loop (the process-wide one by default).
     """
 
@@ -562,12 +87,13 @@ class Engine:
         prefetch: int | None = None,
         label: str = "",
         names: list[str] | None = None,
-        remotes: dict[int, Any] | None = None,
+        slot_factory: SlotFactory,
+        independent: Iterable[int] = (),
         loop: Loop | None = None,
     ) -> None:
         self.options = options
-        # slot -> RemoteTarget: that slot is a connection to a worker server.
-        self.remotes: dict[int, Any] = dict(remotes or {})
+        self.slot_factory = slot_factory
+        self.independent = frozenset(independent)
         self.loop = loop or get_loop()
         self.label = label
         self.names = names or [options.name or "offload-worker"] * slots
@@ -578,14 +104,15 @@ class Engine:
             max_tasks=options.max_tasks,
             keep_warm=keep_warm,
             max_start_failures=max_start_failures,
+            independent=self.independent,
         )
-        for index in self.remotes:
-            self.scheduler.slots[index].independent = True
         self.lock = threading.Lock()
         self.records: dict[int, CallRecord] = {}
-        self.procs: dict[tuple[int, int], SlotProcess] = {}  # (slot, gen) -> process
-        self.current: dict[int, SlotProcess] = {}  # slot -> its newest process
+        self.procs: dict[tuple[int, int], WorkerSlot] = {}  # (slot, gen) -> its worker
+        self.current: dict[int, WorkerSlot] = {}  # slot -> its newest worker
         self.exited = threading.Condition(self.lock)
+        # Outcomes counted where futures resolve, outside the engine lock: their own lock.
+        self._stats_lock = threading.Lock()
         self.stats_done = 0
         self.stats_failed = 0
         self.restarts = 0
@@ -595,18 +122,16 @@ class Engine:
         self._waiting_call = 0  # a call whose submitter will block on it (lock held)
         self._killed_pids: dict[int, tuple[int, int | None]] = {}  # slot -> (gen, pid)
         self._started_slots: set[int] = set()  # a later start there is a restart
-        self._claimed: Channel | None = None  # channel that submitter now reads
-        self._unflushed: list[SlotProcess] = []  # calls queued on them, not yet written
-        self._last_start_error: dict[int, OffloadError] = {}
+        self._claimed: WorkerSlot | None = None  # whose answers that submitter reads
+        self._unflushed: list[WorkerSlot] = []  # calls queued on them, not yet written
+        self._last_start_error: dict[int, BaseException] = {}
         self._drain_waiters = 0  # threads in wait_calls (lock held to change)
-        self.queued_bytes = 0  # pickled arguments of queued calls (see MAX_QUEUED_BYTES)
-        self._room = threading.Condition(self.lock)  # queued_bytes went down
-        self._room_waiters = 0
+        self.budget = QueueBudget(self.lock)  # pickled arguments waiting in the queue
         # The process that made this engine: its workers, sockets and threads exist
         # only there. A forked child that inherited the object must not touch them.
         self.owner_pid = os.getpid()
-        self._forks = _forks  # how many forks deep this process is (see owned_here)
-        _live_engines.add(self)
+        self._forks = lifetime.forks  # how many forks deep this process is (see owned_here)
+        lifetime.track(self)
 
     def __repr__(self) -> str:
         counts = self.scheduler.counts()
@@ -643,63 +168,20 @@ class Engine:
         Raises:
             RuntimeError: after shutdown.
         """
-        future: Future[Any] = Future()
         call_id = next(_call_ids)
-        target = ""
-        kind = p.BY_VALUE
-        function = b""
-        try:
-            if isinstance(fn, str):
-                kind = p.BY_NAME
-                target = fn
-                data, buffers = dumps((args, kwargs))
-            else:
-                target = getattr(fn, "__qualname__", "") + "(...)"
-                function = function_reference(fn)
-                if function:
-                    data, buffers = dumps((args, kwargs))
-                else:
-                    data, buffers = dumps((fn, args, kwargs))
-        except BaseException as exc:  # noqa: BLE001 - SystemExit from __reduce__ included
-            what = culprit((fn, args, kwargs))
-            err = SerializationError(
-                f"an argument of {describe_call(fn, args, kwargs)} could not be pickled: "
-                f"{what}: {type_name(exc)}: {exc}",
-                direction="argument",
-                type_name=what,
-            )
-            err.__cause__ = exc
-            future._resolve_exception(err, task_raised=False)
-            return future
-        size = len(data) + len(function)
-        if buffers:
-            size += sum(b.nbytes for b in buffers)
-        if size > self.options.max_message_size:
-            future._resolve_exception(
-                SerializationError(
-                    f"the arguments of {describe_call(fn, args, kwargs)} pickle to {size} "
-                    f"bytes, more than max_message_size ({self.options.max_message_size})",
-                    direction="argument",
-                    type_name=type_name(args[0]) if args else None,
-                ),
-                task_raised=False,
-            )
-            return future
-        record = CallRecord(
+        future: Future[Any] = Future(self, call_id)
+        record = encode_call(
+            fn,
+            args,
+            kwargs,
             call_id=call_id,
+            future=future,
             timeout=timeout,
             retries=retries,
-            future=future,
-            kind=kind,
-            target=target,
-            function=function,
-            payload=data,
-            buffers=tuple(buffers) if buffers else (),
-            fn=fn,
-            args=args,
-            kwargs=kwargs,
-            queued_bytes=size,
+            max_message_size=self.options.max_message_size,
         )
+        if record is None:
+            return future  # failed already: the arguments could not travel
         self._schedule_new(record, wait=wait)
         return future
 
@@ -730,7 +212,7 @@ class Engine:
             call_id=call_id,
             timeout=call.timeout or None,
             retries=0,
-            future=Future(),
+            future=Future(self, call_id),
             kind=call.kind,
             target=call.target,
             function=call.function,
@@ -749,15 +231,13 @@ class Engine:
             RuntimeError: after shutdown.
         """
         future = record.future
-        future._owner = self
-        future._call_id = record.call_id
         self.check_owner()
         with self.lock:
             if record.queued_bytes:
-                self._wait_for_room(record.queued_bytes)
+                self.budget.wait_for_room(record.queued_bytes, lambda: self.scheduler.closed)
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
-            self.queued_bytes += record.queued_bytes
+            self.budget.take(record)
             self.records[record.call_id] = record
             self._waiting_call = record.call_id if wait else 0
             deferred = self._apply(self.scheduler.submit_entry(record, self.loop.clock()))
@@ -765,29 +245,6 @@ class Engine:
         self._resolve(deferred)
         if claimed is not None:
             claimed.pump_claimed(future.done, PUMP_WINDOW)
-
-    def _wait_for_room(self, size: int) -> None:
-        """Wait (lock held) until a call of ``size`` bytes fits under MAX_QUEUED_BYTES.
-        Never where waiting could block the delivery of the results that make room (on
-        the I/O thread, in a callback): there the call goes over the limit."""
-        while (
-            self.queued_bytes
-            and self.queued_bytes + size > MAX_QUEUED_BYTES
-            and not self.scheduler.closed
-            and not in_dispatch()
-        ):
-            self._room_waiters += 1
-            try:
-                self._room.wait()
-            finally:
-                self._room_waiters -= 1
-
-    def _unqueue(self, record: CallRecord) -> None:
-        """``record`` left the parent's queue (sent, resolved or cancelled; lock held)."""
-        self.queued_bytes -= record.queued_bytes
-        record.queued_bytes = 0
-        if self._room_waiters:
-            self._room.notify_all()
 
     def cancel(self, call_id: int) -> bool:
         """Drop a call that has not started: queued here, or sent ahead to a worker (which
@@ -806,8 +263,8 @@ class Engine:
             else:
                 deferred = []
             record = self.records.pop(call_id, None)
-            if record is not None and record.queued_bytes:
-                self._unqueue(record)
+            if record is not None:
+                self.budget.release(record)
             self._note_drained()
         self._resolve(deferred)
         return True
@@ -839,26 +296,28 @@ class Engine:
             return
         with self.lock:
             deferred = self._apply(self.scheduler.shutdown(cancel_futures, self.loop.clock()))
-            if self._room_waiters:
-                self._room.notify_all()  # their submit() raises: shut down
+            self.budget.wake_all()  # a submit() waiting for room raises: shut down
         self._resolve(deferred)
         if not wait:
             return
         if not self.wait_idle(timeout):
             self.abort()
 
-    def abort(self) -> None:
+    def abort(self, *, wait: bool = True) -> None:
         """End everything now: queued calls are cancelled, running ones fail with
         WorkerKilled, every process (also those stopping gracefully) is killed, and no
-        process starts again. Returns once they have exited (SIGTERM, the kill grace,
-        then SIGKILL), or, should one never be reported gone, after a bound."""
+        process starts again. With ``wait``, returns once they have exited (SIGTERM,
+        the kill grace, then SIGKILL), or, should one never be reported gone, after a
+        bound. In a forked child that inherited the engine it does nothing."""
+        if not self.owned_here():
+            return
         with self.lock:
             deferred = self._apply(self.scheduler.abort(self.loop.clock()))
             procs = list(self.procs.values())
         self._resolve(deferred)
         for proc in procs:
             proc.kill("shutdown")
-        if not self.wait_idle(KILL_GRACE + ABORT_MARGIN):
+        if wait and not self.wait_idle(KILL_GRACE + ABORT_MARGIN):
             log.warning("offload: %r did not see every worker exit after killing it", self)
 
     def shutdown_dropped(self, cancel_futures: bool) -> None:
@@ -886,7 +345,7 @@ class Engine:
         """Whether this process made the engine (False in a forked child). Reads a
         counter that every fork's child increments, not the pid: no system call on the
         path of each submission."""
-        return self._forks == _forks
+        return self._forks == lifetime.forks
 
     def check_owner(self) -> None:
         """Raise unless this process made the engine.
@@ -894,13 +353,22 @@ class Engine:
         Raises:
             RuntimeError: called in a process forked from the one that made it.
         """
-        if self._forks != _forks:
+        if self._forks != lifetime.forks:
             raise RuntimeError(
                 f"{self.label or 'this offload object'} was made in process {self.owner_pid}, "
                 f"the parent of this forked process ({os.getpid()}); its workers belong to "
                 "the parent and cannot be used here: make a new offload.Pool or "
                 "offload.spawn() in the child"
             )
+
+    def barrier(self) -> None:
+        """Return once the I/O loop has run everything handed to it so far (the last
+        done-callbacks included)."""
+        if not self.loop.in_loop():
+            try:
+                self.loop.run_sync(lambda: None)
+            except Exception:  # noqa: BLE001 - a loop that is gone has nothing left to run
+                pass
 
     def _note_drained(self) -> None:
         """Calls were removed from ``records`` (lock held): wake :meth:`wait_calls`."""
@@ -956,9 +424,15 @@ class Engine:
         if err is not None:
             raise err
 
-    # -- events from worker processes (loop thread) --------------------------------------
+    def stop_keeping_warm(self) -> None:
+        """From now on start a slot's worker only when a call needs it (a worker handle
+        after its first start: it restarts lazily, on the next call)."""
+        with self.lock:
+            self.scheduler.set_keep_warm(False)
 
-    def worker_ready(self, proc: SlotProcess, capacity: int | None = None) -> None:
+    # -- events from the slots (SlotHost; loop thread) ----------------------------------
+
+    def worker_ready(self, proc: WorkerSlot, capacity: int | None = None) -> None:
         with self.lock:
             self._last_start_error.pop(proc.slot, None)
             event = self._ready_events.get(proc.slot)
@@ -969,7 +443,7 @@ class Engine:
             event.set()
         self._resolve(deferred)
 
-    def discard(self, proc: SlotProcess) -> None:
+    def discard(self, proc: WorkerSlot) -> None:
         """Forget a slot process that never ran (killed or failed before launching)."""
         with self.lock:
             self.procs.pop((proc.slot, proc.gen), None)
@@ -977,9 +451,9 @@ class Engine:
                 del self.current[proc.slot]
             self.exited.notify_all()
 
-    def start_failed(self, proc: SlotProcess, error: OffloadError) -> None:
+    def start_failed(self, proc: WorkerSlot, error: BaseException) -> None:
         log.warning("offload: %s", error)
-        if proc.child is None:  # nothing was launched, so no exit will be reported
+        if not proc.launched:  # nothing was launched, so no exit will be reported
             self.discard(proc)
         with self.lock:
             self._last_start_error[proc.slot] = error
@@ -991,23 +465,29 @@ class Engine:
             event.set()
         self._resolve(deferred)
 
-    def on_results(self, proc: SlotProcess, msgs: list[p.Result]) -> None:
+    def on_results(self, proc: WorkerSlot, msgs: list[p.Result]) -> None:
         """Results read in one go from ``proc``: one lock round, one scheduling pass."""
         with self.lock:
-            expected = [
-                (self.records.pop(msg.call_id), msg)
-                for msg in msgs
-                if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
+            answered = [
+                msg for msg in msgs if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
             ]  # others were resolved already (timeout, kill) or are stray ids
-            if not expected:
+            if not answered:
                 proc.flush()
                 return
+            records = self.records
+            # A withdrawn call (cancelled after it was sent ahead) has no record left:
+            # its answer only frees its place on the slot.
+            expected = [
+                (record, msg)
+                for msg in answered
+                if (record := records.pop(msg.call_id, None)) is not None
+            ]
             self._note_drained()
             deferred = self._apply(
                 self.scheduler.results(
                     proc.slot,
                     proc.gen,
-                    [(msg.call_id, msg.elapsed) for _, msg in expected],
+                    [(msg.call_id, msg.elapsed) for msg in answered],
                     self.loop.clock(),
                 )
             )
@@ -1015,16 +495,20 @@ class Engine:
         proc.flush()  # the calls waiting for this worker's results
         self._flush()  # and those just sent to any worker, before the results
         sinks: set[RawSink] = set()
+        done = 0
         for record, msg in expected:
             sink = record.sink
             if sink is None:
-                self._deliver(record, msg, proc)
+                done += outcome.deliver(record, msg, worker=proc.name, pid=proc.pid)
             else:  # relayed: one write per sink for the whole batch
-                self.stats_done += 1
+                done += 1
                 sink.call_done(record.call_id, msg, flush=False)
                 sinks.add(sink)
         for sink in sinks:
             sink.flush()
+        with self._stats_lock:
+            self.stats_done += done
+            self.stats_failed += len(expected) - done
         self._resolve(deferred)
         if self.options.memory_limit is not None:
             self.check_memory(proc)
@@ -1040,12 +524,13 @@ class Engine:
             value = loads(msg.payload, msg.buffers)
         except BaseException:  # noqa: BLE001
             log.warning(
-                "offload: a progress report of %s could not be unpickled", record.describe()
+                "offload: a progress report of %s could not be unpickled",
+                outcome.describe(record),
             )
             return
         record.future._set_progress(value)
 
-    def worker_failed(self, proc: SlotProcess, reason: str, detail: str) -> None:
+    def worker_failed(self, proc: WorkerSlot, reason: str, detail: str) -> None:
         """Kill a worker the engine gave up on (unresponsive, over memory)."""
         info = ExitInfo(proc.name, proc.pid, None, None, reason, "", detail)
         with self.lock:
@@ -1055,7 +540,7 @@ class Engine:
         self._resolve(deferred)
         self._notify_failure(info)
 
-    def check_memory(self, proc: SlotProcess) -> None:
+    def check_memory(self, proc: WorkerSlot) -> None:
         limit = self.options.memory_limit
         if limit is None or proc.expected_exit:
             return
@@ -1080,7 +565,7 @@ class Engine:
                 )
             self._resolve(deferred)
 
-    def process_exited(self, proc: SlotProcess, info: ExitInfo) -> None:
+    def process_exited(self, proc: WorkerSlot, info: ExitInfo) -> None:
         with self.lock:
             self.procs.pop((proc.slot, proc.gen), None)
             if self.current.get(proc.slot) is proc:
@@ -1093,29 +578,8 @@ class Engine:
                         self.scheduler.worker_died(proc.slot, proc.gen, self.loop.clock(), info)
                     )
                 else:
-                    err = StartError(
-                        f"worker {proc.name} (pid {info.pid}) "
-                        + (
-                            f"exited with status {info.exitcode}"
-                            if info.reason == "exit"
-                            else f"was killed by {info.signal}"
-                        )
-                        + " before finishing its handshake"
-                        + (
-                            "; with start_method='reexec' the program must be able to run "
-                            "again and call offload.init() first"
-                            if self.options.start_method == "reexec"
-                            else ""
-                        )
-                        + (
-                            f"; last stderr: {_tail_excerpt(info.stderr_tail)}"
-                            if info.stderr_tail.strip()
-                            else ""
-                        ),
-                        worker=proc.name,
-                        pid=info.pid,
-                        exitcode=info.exitcode,
-                        stderr_tail=info.stderr_tail,
+                    err = outcome.start_failed_by_exit(
+                        info, reexec=self.options.start_method == "reexec"
                     )
                     self._last_start_error[proc.slot] = err
                     event = self._ready_events.get(proc.slot)
@@ -1133,7 +597,7 @@ class Engine:
         callback = self.options.on_failure
         if callback is None:
             return
-        error = info.crashed("its calls")
+        error = outcome.crashed(info, "its calls")
 
         def run() -> None:
             try:
@@ -1171,17 +635,16 @@ class Engine:
                     for call_id in call_ids:
                         record = self.records[call_id]
                         if record.queued_bytes:
-                            self._unqueue(record)
+                            self.budget.release(record)
                         # Running once its worker starts it (the first calls of its
                         # pipeline), not when it is sent ahead; see _promote.
                         if not record.started and calls[call_id].started_at is not None:
                             record.started = True
                             record.future._set_running()
                         if proc is not None and shallow:
-                            record.future._pump = proc
-                            channel = proc.channel
-                            if call_id == self._waiting_call and channel and channel.claim():
-                                self._claimed = channel
+                            record.future._set_reader(proc)
+                            if call_id == self._waiting_call and proc.claim():
+                                self._claimed = proc
                         messages.append(record.fields())
                     if proc is not None:
                         proc.send_calls(messages)
@@ -1194,13 +657,7 @@ class Engine:
                     if slot in self._started_slots:
                         self.restarts += 1
                     self._started_slots.add(slot)
-                    target = self.remotes.get(slot)
-                    if target is None:
-                        proc = WorkerProcess(self, slot, gen, self.names[slot])
-                    else:
-                        from offload.client.remote import RemoteProcess
-
-                        proc = RemoteProcess(self, slot, gen, self.names[slot], target)
+                    proc = self.slot_factory(self, slot, gen, self.names[slot])
                     self.procs[(slot, gen)] = proc
                     self.current[slot] = proc
                     self.loop.call_soon(proc.start)
@@ -1266,8 +723,8 @@ class Engine:
         for res in resolutions:
             with self.lock:
                 record = self.records.pop(res.call_id, None)
-                if record is not None and record.queued_bytes:
-                    self._unqueue(record)
+                if record is not None:
+                    self.budget.release(record)
                 self._note_drained()
             if record is None:
                 continue
@@ -1278,7 +735,8 @@ class Engine:
                 else:
                     record.future._cancel_now(force=True)
                 continue
-            self.stats_failed += 1
+            with self._stats_lock:
+                self.stats_failed += 1
             error = self._error_for(record, res)
             if sink is not None:
                 sink.call_done(res.call_id, error)
@@ -1286,60 +744,17 @@ class Engine:
                 record.future._resolve_exception(error, task_raised=False)
 
     def _error_for(self, record: CallRecord, res: Resolve) -> OffloadError:
-        call = record.describe()
-        name = self.names[res.slot] if res.slot is not None else self.label
-        cause = res.cause
-        remote = res.slot is not None and res.slot in self.remotes
-        if res.outcome is Outcome.TIMEOUT and remote:
-            return TaskTimeout(
-                f"{call} did not finish within its timeout of {record.timeout:g} s; it was "
-                f"killed on the worker server {name}",
-                timeout=record.timeout or 0.0,
-                pid=self._pid_hint(res),
-                worker=name,
-            )
-        if res.outcome is Outcome.KILLED and remote:
-            return WorkerKilled(
-                f"{call} was killed on the worker server {name}",
-                pid=self._pid_hint(res),
-                worker=name,
-            )
-        if res.outcome is Outcome.TIMEOUT:
-            pid = self._pid_hint(res)
-            return TaskTimeout(
-                f"{call} did not finish within its timeout of {record.timeout:g} s; worker "
-                f"{name} (pid {pid}) was killed and will be replaced",
-                timeout=record.timeout or 0.0,
-                pid=pid,
-                worker=name,
-            )
-        if res.outcome is Outcome.KILLED:
-            pid = self._pid_hint(res)
-            return WorkerKilled(
-                f"{call} was killed on worker {name} (pid {pid})", pid=pid, worker=name
-            )
-        if res.outcome is Outcome.COLLATERAL:
-            pid = self._pid_hint(res)
-            other = self.records.get(cause) if isinstance(cause, int) else None
-            why = (
-                f"because {other.describe()} on the same worker"
-                if other
-                else "because another call on it"
-            )
-            return WorkerCrashed(
-                f"worker {name} (pid {pid}) was killed while running {call}, {why} timed out "
-                "or was killed",
-                pid=pid,
-                signal="SIGKILL",
-                reason="signal",
-                worker=name,
-            )
-        if res.outcome is Outcome.START_FAILED:
-            if isinstance(cause, OffloadError):
-                return clone_error(cause)
-            return StartError(f"no worker could start to run {call}", worker=name)
-        assert isinstance(cause, ExitInfo)
-        return cause.crashed(call)
+        other = self.records.get(res.cause) if isinstance(res.cause, int) else None
+        return outcome.scheduler_error(
+            res.outcome,
+            call=outcome.describe(record),
+            worker=self.names[res.slot] if res.slot is not None else self.label,
+            pid=self._pid_hint(res),
+            remote=res.slot is not None and res.slot in self.independent,
+            timeout=record.timeout,
+            cause=res.cause,
+            other_call=outcome.describe(other) if other is not None else None,
+        )
 
     def _pid_hint(self, res: Resolve) -> int | None:
         """The pid of the process the call ran on (it may be replaced already)."""
@@ -1350,140 +765,3 @@ class Engine:
             return killed[1]
         proc = self.procs.get((res.slot, res.gen))
         return proc.pid if proc is not None else None
-
-    def _deliver(self, record: CallRecord, msg: p.Result, proc: SlotProcess) -> None:
-        """Resolve the future of a (not relayed) call with the worker's Result."""
-        future = record.future
-        status = msg.status
-        if status == p.OK:
-            try:
-                value = loads(msg.payload, msg.buffers)
-            except BaseException as exc:  # noqa: BLE001 - SystemExit from __setstate__ too
-                err = SerializationError(
-                    f"the result of {record.describe()} could not be unpickled: "
-                    f"{type_name(exc)}: {exc}",
-                    direction="result",
-                )
-                err.__cause__ = exc
-                self.stats_failed += 1
-                future._resolve_exception(err, task_raised=False)
-                return
-            self.stats_done += 1
-            future._resolve_value(value)
-            return
-        self.stats_failed += 1
-        if status == p.RAISED:
-            future._resolve_exception(self._task_exception(record, msg), task_raised=True)
-        elif status == p.BAD_ARGUMENT:
-            future._resolve_exception(
-                SerializationError(
-                    f"{record.describe()}: {msg.message}",
-                    direction="argument",
-                    type_name=msg.type_name,
-                ),
-                task_raised=False,
-            )
-        elif status == p.BAD_RESULT:
-            future._resolve_exception(
-                SerializationError(
-                    f"{record.describe()}: {msg.message}",
-                    direction="result",
-                    type_name=msg.type_name,
-                ),
-                task_raised=False,
-            )
-        elif status == p.FAILED:  # decided by a worker server: one of offload's errors
-            try:
-                error = loads(msg.payload, msg.buffers)
-            except BaseException:  # noqa: BLE001
-                error = None
-            if not isinstance(error, BaseException):
-                error = RemoteError(msg.message, type_name=msg.type_name, traceback=msg.traceback)
-            future._resolve_exception(error, task_raised=False)
-        elif status == p.UNKNOWN_TASK:
-            future._resolve_exception(
-                NoWorkerAvailable(
-                    f"worker {proc.name} (pid {proc.pid}) knows no task named "
-                    f"{msg.type_name!r}; register it with @offload.task(name=...) in a module "
-                    "the worker imports (preload=...)",
-                    task=msg.type_name,
-                ),
-                task_raised=False,
-            )
-        else:
-            future._resolve_exception(
-                ProtocolError(f"worker {proc.name} sent an unknown result status {status}"),
-                task_raised=False,
-            )
-
-    @staticmethod
-    def _task_exception(record: CallRecord, msg: p.Result) -> BaseException:
-        exc: BaseException | None = None
-        if msg.payload:
-            try:
-                loaded = loads(msg.payload, msg.buffers)
-                if isinstance(loaded, BaseException):
-                    exc = loaded
-            except BaseException:  # noqa: BLE001 - falls back to RemoteError
-                exc = None
-        if exc is None:
-            exc = RemoteError(msg.message, type_name=msg.type_name, traceback=msg.traceback)
-        exc.__cause__ = RemoteTraceback(msg.traceback)
-        return exc
-
-
-def clone_error(err: OffloadError) -> OffloadError:
-    """A fresh copy of ``err`` (each future gets its own exception object)."""
-    rebuild, args = err.__reduce__()[:2]
-    copy: OffloadError = rebuild(*args)
-    return copy
-
-
-# -- interpreter exit --------------------------------------------------------------------
-
-_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_forks = 0  # forks between the interpreter's start and this process
-# At exit, how long the workers of each engine get to exit after its calls are done.
-EXIT_STOP_TIMEOUT = 5.0
-
-
-def _finish_at_exit() -> None:
-    """At interpreter exit, every call already submitted runs to completion (as with
-    ``ProcessPoolExecutor``), its done-callbacks run, then the workers stop.
-
-    Runs from ``threading._shutdown`` (before ``atexit`` and before daemon threads such
-    as the I/O loop are frozen), so results still arrive. A pool or handle that was
-    never shut down, a ``delegate()`` call, a ``shutdown(wait=False)``: nothing
-    submitted vanishes. Ctrl-C while waiting kills what still runs.
-    """
-    engines = [engine for engine in list(_live_engines) if engine.owned_here()]
-    if not engines:
-        return
-    try:
-        for engine in engines:
-            engine.wait_calls(None)
-        for engine in engines:
-            engine.shutdown(wait=True, cancel_futures=False, timeout=EXIT_STOP_TIMEOUT)
-    except BaseException:
-        for engine in engines:
-            engine.abort()
-        raise
-    # The loop thread may still be running the last done-callbacks: wait for it.
-    loop = engines[0].loop
-    if not loop.in_loop():
-        try:
-            loop.run_sync(lambda: None)
-        except Exception:  # noqa: BLE001 - a loop that is gone has nothing left to run
-            pass
-
-
-def _forget_engines_in_child() -> None:
-    # A forked child's inherited engines are the parent's: none of them is waited for
-    # at the child's exit, and none of them may be used there.
-    global _live_engines, _forks
-    _live_engines = weakref.WeakSet()
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_forget_engines_in_child)
-threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]

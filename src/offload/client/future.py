@@ -158,7 +158,9 @@ class Future(concurrent.futures.Future[T]):
     unfinished future in a callback raises RuntimeError: it would never end.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, owner: CallOwner | None = None, call_id: int = 0) -> None:
+        """Made by whoever runs the call (an engine), which ``kill()`` and ``cancel()``
+        ask, under the call's id there; a future without an owner is a plain one."""
         if _LIGHT_INIT:
             # concurrent.futures.Future.__init__, with a cheaper Condition (see above),
             # made on first use: a future that waits in the parent's queue has no lock.
@@ -174,8 +176,8 @@ class Future(concurrent.futures.Future[T]):
         else:
             super().__init__()
         # Whoever runs the call (an Engine) and its id there: kill() and cancel() ask it.
-        self._owner: CallOwner | None = None
-        self._call_id = 0
+        self._owner = owner
+        self._call_id = call_id
         # Set while the call is on a worker: reads the worker's answer on the waiting
         # thread (see offload.transport.channel.Channel.pump).
         self._pump: Reader | None = None
@@ -365,6 +367,11 @@ class Future(concurrent.futures.Future[T]):
         except concurrent.futures.InvalidStateError:
             return False
         return True
+
+    def _set_reader(self, reader: Reader) -> None:
+        """While the call is on a worker: ``reader`` reads its answer on a waiting
+        thread (see :meth:`_before_wait`)."""
+        self._pump = reader
 
     def _set_running(self) -> bool:
         """``set_running_or_notify_cancel()``, without making the lock if nobody has

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from offload.transport.net import TLS, Address, parse_address
+from offload.worker.settings import WorkerSettings
 
 START_METHODS = ("spawn", "forkserver", "fork", "reexec")
 STDIO_MODES = ("inherit", "devnull", "prefix")
@@ -564,15 +565,16 @@ def parse_port(option: str, text: str) -> int:
     return port
 
 
-def settings_for_worker(options: WorkerOptions) -> dict[str, Any]:
-    """The JSON-able settings a worker process reads at start-up."""
-    return {
-        "concurrency": options.concurrency,
-        "max_message_size": options.max_message_size,
-        "preload": list(options.preload),
-        "heartbeat": list(options.heartbeat) if options.heartbeat else None,
-        "shutdown_on": options.shutdown_on,
-    }
+def settings_for_worker(options: WorkerOptions) -> WorkerSettings:
+    """The settings a worker process reads at start-up (the launch adds its socket,
+    name, parent and ``sys.path``)."""
+    return WorkerSettings(
+        concurrency=options.concurrency,
+        max_message_size=options.max_message_size,
+        preload=tuple(options.preload),
+        heartbeat=options.heartbeat,
+        shutdown_on=options.shutdown_on,
+    )
 
 
 def env_for_worker(options: WorkerOptions) -> dict[str, str]:

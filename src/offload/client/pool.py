@@ -28,7 +28,7 @@ from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import check_pool_args, make_options, next_worker_name
 from offload.client.remote import RemoteTarget
-from offload.client.worker import Submitter, call_settings
+from offload.client.worker import Submitter, call_settings, slot_factory
 from offload.errors import RemoteError, RemoteTraceback
 from offload.transport.net import TLS
 from offload.worker.batch import run_chunk
@@ -111,7 +111,8 @@ class Pool(Submitter, concurrent.futures.Executor):
             max_start_failures=3,
             label=self.name,
             names=names,
-            remotes={workers + i: t for i, t in enumerate(targets)},
+            slot_factory=slot_factory({workers + i: t for i, t in enumerate(targets)}),
+            independent=range(workers, workers + len(targets)),
         )
         # The chunk size each automatic map ended with, by function (its qualified name,
         # which keeps nothing alive): the next map of that function starts there instead
@@ -251,11 +252,7 @@ class Pool(Submitter, concurrent.futures.Executor):
         self._engine.check_owner()
         with self._engine.lock:
             procs = list(self._engine.current.values())
-        return [
-            proc.pid
-            for proc in procs
-            if proc.pid is not None and proc.child is not None and proc.child.returncode is None
-        ]
+        return [pid for pid in (proc.local_pid for proc in procs) if pid is not None]
 
     # -- ending ------------------------------------------------------------------------
 
@@ -280,10 +277,7 @@ class Pool(Submitter, concurrent.futures.Executor):
         engine = self._engine
         self._finalizer.detach()
         if kill:
-            engine.shutdown(wait=False, cancel_futures=True, timeout=None)
-            engine.kill_all()
-            if wait:
-                engine.wait_idle(None)
+            engine.abort(wait=wait)  # every process, also those stopping gracefully
             return
         engine.shutdown(wait=wait, cancel_futures=cancel_futures, timeout=timeout)
 

@@ -1,5 +1,6 @@
 """Remote workers: a connection to an ``offload serve`` server, standing in a slot of an
-:class:`~offload.client.engine.Engine` like a local process does.
+engine like a local process does (:class:`RemoteSlot`, a
+:class:`~offload.client.slot.WorkerSlot`).
 
 The server runs each call in a process of its own, so one call can be killed (``Kill``)
 without touching the others: remote slots are *independent* in the scheduler. A lost
@@ -16,11 +17,14 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from offload import protocol as p
+from offload.client.slot import PUMP_WINDOW, ExitInfo
 from offload.errors import AuthenticationError, NoWorkerAvailable, OffloadError, ProtocolError
+from offload.tokens import resolve_token
 from offload.transport.channel import Channel
 from offload.transport.loop import Timer
 from offload.transport.net import TLS, Address, client_handshake, connect, parse_address
@@ -28,69 +32,11 @@ from offload.transport.net import TLS, Address, client_handshake, connect, parse
 if TYPE_CHECKING:
     import socket
 
-    from offload.client.engine import Engine
+    from offload.client.slot import SlotHost
     from offload.protocol.auth import Sealer
     from offload.protocol.messages import CallFields
 
 DEFAULT_HEARTBEAT = (5.0, 30.0)
-TOKEN_ENV = "OFFLOAD_TOKEN"
-TOKEN_FILE_ENV = "OFFLOAD_TOKEN_FILE"
-
-
-def resolve_token(token: bytes | str | None) -> bytes:
-    """The token to use: the argument, else ``OFFLOAD_TOKEN``, else the file named by
-    ``OFFLOAD_TOKEN_FILE``, read by the one rule both sides apply
-    (:func:`~offload.protocol.auth.check_token`): a text token without the white space
-    around it (``open(path, "rb").read()`` of a token file works as is, newline and
-    all), a binary token byte for byte.
-
-    Raises:
-        AuthenticationError: no token anywhere, one shorter than 32 bytes, or a token
-            file that others may read or write.
-    """
-    from offload.protocol.auth import check_token
-
-    if token is None:
-        token = os.environ.get(TOKEN_ENV)
-    if token is None and os.environ.get(TOKEN_FILE_ENV):
-        token = read_token_file(os.environ[TOKEN_FILE_ENV])
-    if token is None:
-        raise AuthenticationError(
-            "no token: pass token=..., or set OFFLOAD_TOKEN or OFFLOAD_TOKEN_FILE"
-        )
-    return check_token(token)
-
-
-def read_token_file(path: str) -> bytes:
-    """Read a token file (by the rule of :func:`resolve_token`).
-
-    The file must be private to its owner: whoever can read the token can run any code
-    on the server, and whoever can write it can make a client trust an impostor server
-    (which then feeds it pickles). Like ``ssh`` with a private key, a token file that
-    its group or others may read or write is refused.
-
-    Raises:
-        AuthenticationError: the file is readable or writable by its group or others,
-            or holds a token shorter than 32 bytes.
-        OSError: the file cannot be read.
-    """
-    import stat
-
-    from offload.protocol.auth import check_token
-
-    with open(path, "rb") as f:
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-        if mode & 0o077:
-            raise AuthenticationError(
-                f"the token file {path} is open to others (mode {mode:04o}): whoever can "
-                "read the token can run any code on the server. Make it private: "
-                f"chmod 600 {path}"
-            )
-        data = f.read()
-    try:
-        return check_token(data)
-    except AuthenticationError as exc:
-        raise AuthenticationError(f"the token file {path}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -118,17 +64,20 @@ class RemoteTarget:
         return f"RemoteTarget({self.address}, tls={self.tls is not None})"
 
 
-class RemoteProcess:
-    """One connection to a worker server, in an engine slot."""
+class RemoteSlot:
+    """One connection to a worker server, in an engine slot (a
+    :class:`~offload.client.slot.WorkerSlot`): the server's pool runs the calls, each in
+    a process of its own, so they die one by one (``kill_call``), not with the slot."""
 
-    def __init__(self, engine: Engine, slot: int, gen: int, name: str, target: RemoteTarget):
-        self.engine = engine
+    def __init__(
+        self, host: SlotHost, slot: int, gen: int, name: str, target: RemoteTarget
+    ) -> None:
+        self.host = host
         self.slot = slot
         self.gen = gen
         self.name = name or str(target.address)
         self.target = target
-        self.loop = engine.loop
-        self.child = None
+        self.loop = host.loop
         self.channel: Channel | None = None
         self.ready = False
         self.expected_exit = False
@@ -147,10 +96,37 @@ class RemoteProcess:
         """The server's pid (its calls run in its child processes)."""
         return self.server_pid
 
+    @property
+    def local_pid(self) -> int | None:
+        """None: no local process fills this slot."""
+        return None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the connection is up (the handshake done, the channel open)."""
+        return self.ready and self.channel is not None and not self.channel.closed
+
+    @property
+    def launched(self) -> bool:
+        """False: a connection that failed to start reports nothing more (one that
+        started reports its close through ``process_exited``)."""
+        return False
+
+    def claim(self) -> bool:
+        """See :meth:`offload.transport.channel.Channel.claim`."""
+        channel = self.channel
+        return channel is not None and channel.claim()
+
+    def pump_claimed(self, done: Callable[[], bool], window: float) -> None:
+        """See :meth:`offload.transport.channel.Channel.pump_claimed`."""
+        channel = self.channel
+        if channel is not None:
+            channel.pump_claimed(done, window)
+
     def __repr__(self) -> str:
         state = "ready" if self.ready else "closing" if self.expected_exit else "connecting"
         return (
-            f"<RemoteProcess {self.target.address} pid={self.server_pid} slot={self.slot} "
+            f"<RemoteSlot {self.target.address} pid={self.server_pid} slot={self.slot} "
             f"{state} sent={len(self._sent)}>"
         )
 
@@ -162,7 +138,7 @@ class RemoteProcess:
 
     def _connect(self) -> None:
         target = self.target
-        timeout = self.engine.options.start_timeout
+        timeout = self.host.options.start_timeout
         try:
             sock = connect(target.address, timeout)
         except OSError as exc:
@@ -185,9 +161,9 @@ class RemoteProcess:
         sock.settimeout(None)
         conn = p.Connection(
             "client",
-            name=self.engine.label,
+            name=self.host.label,
             pid=os.getpid(),
-            max_message_size=self.engine.options.max_message_size,
+            max_message_size=self.host.options.max_message_size,
         )
         conn.sealer = sealer
         self.channel = Channel(sock, conn, self.loop, threaded=target.tls is not None)
@@ -198,7 +174,7 @@ class RemoteProcess:
     def _start_failed(self, error: OffloadError) -> None:
         self.expected_exit = True
         self._finished = True
-        self.loop.call_soon(self.engine.start_failed, self, error)
+        self.loop.call_soon(self.host.start_failed, self, error)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -211,7 +187,7 @@ class RemoteProcess:
                     self._sent.discard(msg.call_id)
                     results.append(msg)
                 case p.Progress():
-                    self.engine.on_progress(msg)
+                    self.host.on_progress(msg)
                 case p.Hello():
                     self._handshake_done(msg)
                 case p.Pong() | p.Status():
@@ -225,7 +201,7 @@ class RemoteProcess:
                     if self.channel is not None:
                         self.channel.abort()
         if results:
-            self.engine.on_results(self, results)
+            self.host.on_results(self, results)
 
     def _handshake_done(self, hello: p.Hello) -> None:
         self.server_pid = hello.pid
@@ -235,7 +211,7 @@ class RemoteProcess:
         interval, _ = self.target.heartbeat
         self._last_seen = self.loop.clock()
         self._timers.append(self.loop.call_later(interval, self._heartbeat))
-        self.engine.worker_ready(self, max(1, hello.slots))
+        self.host.worker_ready(self, max(1, hello.slots))
 
     def _heartbeat(self) -> None:
         if self._finished or self.channel is None:
@@ -258,9 +234,9 @@ class RemoteProcess:
             timer.cancel()
         if not self.ready:
             if isinstance(error, OffloadError):
-                self.engine.start_failed(self, error)
+                self.host.start_failed(self, error)
             else:
-                self.engine.start_failed(
+                self.host.start_failed(
                     self,
                     NoWorkerAvailable(
                         f"the worker server {self.target.address} closed the connection "
@@ -270,8 +246,6 @@ class RemoteProcess:
             return
         if error is not None and not self._lost_detail:
             self._lost_detail = f"broke the protocol ({error})"
-        from offload.client.engine import ExitInfo
-
         info = ExitInfo(
             name=self.name,
             pid=self.server_pid,
@@ -282,7 +256,7 @@ class RemoteProcess:
             detail=self._lost_detail,
             remote=True,
         )
-        self.engine.process_exited(self, info)
+        self.host.process_exited(self, info)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -300,8 +274,6 @@ class RemoteProcess:
 
     def pump(self, future: Any) -> None:
         """Read the server's answers on the waiting thread for a moment."""
-        from offload.client.engine import PUMP_WINDOW
-
         channel = self.channel
         if channel is not None and not channel.threaded:
             channel.pump(future.done, PUMP_WINDOW)
@@ -353,14 +325,20 @@ def authenticate(
         hostname = target.tls.server_hostname or (
             None if target.address.is_unix else target.address.host
         )
+        # wrap_socket takes the fd over (the plain socket is detached): from here on,
+        # a failure must close the TLS socket, or its fd stays open until collected.
         sock = target.tls.client_context().wrap_socket(sock, server_hostname=hostname)
-    sealer, leftover = client_handshake(
-        sock,
-        target.token,
-        timeout,
-        sealed=target.tls is None,
-        peer=f"the worker server {target.address}",
-    )
+    try:
+        sealer, leftover = client_handshake(
+            sock,
+            target.token,
+            timeout,
+            sealed=target.tls is None,
+            peer=f"the worker server {target.address}",
+        )
+    except BaseException:
+        sock.close()
+        raise
     return sock, sealer, leftover
 
 

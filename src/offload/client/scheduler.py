@@ -146,6 +146,10 @@ class CallEntry:
     slot: int | None = None
     started_at: float | None = None
     deadline: float | None = None
+    # Cancelled after it was sent ahead (already resolved): it keeps its place on the
+    # slot until the worker answers, SKIPPED or, had it started, with a result, so the
+    # calls behind it stay where the worker has them (a crash then is blamed right).
+    withdrawn: bool = False
 
 
 @dataclass(slots=True)
@@ -191,6 +195,8 @@ class Scheduler:
         max_start_failures: consecutive start failures of a slot before the queued calls
             fail with StartError; the next submission tries again.
         backoff: first delay before restarting a slot whose start failed (doubles).
+        independent: the slots whose calls die one by one, not with the slot (a worker
+            server runs each call in a process of its own).
     """
 
     def __init__(
@@ -203,6 +209,7 @@ class Scheduler:
         keep_warm: bool = True,
         max_start_failures: int = 3,
         backoff: float = 0.05,
+        independent: Iterable[int] = (),
     ) -> None:
         if slots < 1 or concurrency < 1:
             raise ValueError("slots and concurrency must be >= 1")
@@ -213,7 +220,10 @@ class Scheduler:
         self.keep_warm = keep_warm
         self.max_start_failures = max_start_failures
         self.backoff = backoff
-        self.slots = [Slot(i, capacity=concurrency) for i in range(slots)]
+        independent = set(independent)
+        self.slots = [
+            Slot(i, capacity=concurrency, independent=i in independent) for i in range(slots)
+        ]
         self.calls: dict[int, CallEntry] = {}
         self.queue: deque[int] = deque()
         self.closed = False
@@ -222,7 +232,21 @@ class Scheduler:
         self.wakeup_changed = False
         self.any_failed = False  # some slot is FAILED (kept, not recomputed per submit)
 
+    def __repr__(self) -> str:
+        states = " ".join(
+            f"{slot.index}:{slot.state.value}/{len(slot.outstanding)}" for slot in self.slots
+        )
+        counts = self.counts()
+        return (
+            f"<Scheduler slots=[{states}] queued={counts.queued} running={counts.running} "
+            f"calls={len(self.calls)}{' closed' if self.closed else ''}>"
+        )
+
     # -- events from the caller ----------------------------------------------------------
+
+    def set_keep_warm(self, keep_warm: bool) -> None:
+        """Keep every slot started, or start one only when a call needs it."""
+        self.keep_warm = keep_warm
 
     def start(self, now: float) -> list[Action]:
         """Start the slots that should be warm from the beginning."""
@@ -281,15 +305,30 @@ class Scheduler:
         del self.calls[call_id]
         return True
 
-    def withdraw(self, call_id: int, now: float) -> list[Action] | None:
-        """Cancel a call sent ahead to a worker that has not started it: the worker is
-        told to skip it (KillCall) and it is resolved as cancelled. None if the call is
-        unknown, still queued (see :meth:`cancel`) or started already."""
+    def withdraw(
+        self, call_id: int, now: float, outcome: Outcome = Outcome.CANCELLED
+    ) -> list[Action] | None:
+        """Stop a call sent ahead to a worker that has not started it: it is resolved
+        now (``outcome``) and the worker is told to skip it (KillCall). None if the call
+        is unknown, still queued (see :meth:`cancel`), started or withdrawn already.
+
+        A worker server drops it at once. A local worker may have read it already and
+        answers SKIPPED when it comes to it (or its result, had it started meanwhile):
+        until then the call keeps its place on the slot, withdrawn, so the scheduler
+        still knows which calls the worker runs."""
         entry = self.calls.get(call_id)
         if entry is None or entry.slot is None or entry.started_at is not None:
             return None
+        if entry.withdrawn:
+            return None
         slot = self.slots[entry.slot]
-        return self._kill_one(slot, call_id, Outcome.CANCELLED, now) + self._schedule(now)
+        if slot.independent:
+            return self._kill_one(slot, call_id, outcome, now) + self._schedule(now)
+        entry.withdrawn = True
+        return [
+            KillCall(slot.index, slot.gen, call_id),
+            Resolve(call_id, outcome, slot.index, call_id, slot.gen),
+        ]
 
     def kill_call(self, call_id: int, now: float) -> list[Action]:
         """The user killed a call: its worker dies, the call fails with WorkerKilled."""
@@ -300,10 +339,14 @@ class Scheduler:
             self.queue.remove(call_id)
             del self.calls[call_id]
             return [Resolve(call_id, Outcome.KILLED)]
+        if entry.withdrawn:
+            return []  # resolved already; the worker skips it or has run it
         slot = self.slots[entry.slot]
-        if slot.independent or entry.started_at is None:
-            # One call of a server, or a call sent ahead that has not started: the
-            # worker drops it (KillCall -> Cancel) and the calls it runs go on.
+        if entry.started_at is None:
+            # Sent ahead, not started: the worker drops it; the calls it runs go on.
+            return self.withdraw(call_id, now, Outcome.KILLED) or []
+        if slot.independent:
+            # One call of a server: the server kills its process; the others go on.
             actions = self._kill_one(slot, call_id, Outcome.KILLED, now)
         else:
             actions = self._kill_slot(slot, "killed", now, primary=call_id, outcome=Outcome.KILLED)
@@ -425,7 +468,7 @@ class Scheduler:
             took = elapsed
             if took is None and entry.started_at is not None:
                 took = now - entry.started_at
-            if took is not None:
+            if took is not None and not entry.withdrawn:
                 avg = self.avg_duration
                 self.avg_duration = took if avg is None else avg + 0.2 * (took - avg)
             try:
@@ -571,6 +614,9 @@ class Scheduler:
     def _requeue_front(self, call_ids: list[int]) -> None:
         for call_id in reversed(call_ids):
             entry = self.calls[call_id]
+            if entry.withdrawn:  # resolved already: it never runs
+                del self.calls[call_id]
+                continue
             entry.slot = None
             entry.started_at = None
             entry.deadline = None
@@ -586,7 +632,9 @@ class Scheduler:
         for call_id in running:
             entry = self.calls[call_id]
             entry.attempts += 1
-            if entry.attempts <= entry.retries:
+            if entry.withdrawn:  # resolved already: it goes with its worker
+                del self.calls[call_id]
+            elif entry.attempts <= entry.retries:
                 retry.append(call_id)
             else:
                 del self.calls[call_id]
@@ -614,6 +662,9 @@ class Scheduler:
         retry: list[int] = []
         victims = victims if victims is not None else ([primary] if primary is not None else [])
         for call_id in running:
+            if self.calls[call_id].withdrawn:  # resolved already: it goes with its worker
+                del self.calls[call_id]
+                continue
             if call_id in victims:
                 del self.calls[call_id]
                 actions.append(Resolve(call_id, outcome, slot.index, primary, old_gen))
@@ -625,7 +676,7 @@ class Scheduler:
             else:
                 del self.calls[call_id]
                 actions.append(Resolve(call_id, Outcome.COLLATERAL, slot.index, primary, old_gen))
-        for call_id in [c for c in waiting if c in victims]:  # killed before they started
+        for call_id in [c for c in waiting if c in victims and not self.calls[c].withdrawn]:
             waiting.remove(call_id)
             del self.calls[call_id]
             actions.append(Resolve(call_id, outcome, slot.index, primary, old_gen))

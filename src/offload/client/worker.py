@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from offload.client.engine import Engine
 from offload.client.future import Future
+from offload.client.local import LocalSlot
 from offload.client.options import (
     WorkerOptions,
     check_connect_args,
@@ -22,12 +23,26 @@ from offload.client.options import (
     check_token,
     make_options,
 )
-from offload.client.remote import RemoteTarget
+from offload.client.remote import RemoteSlot, RemoteTarget
+from offload.client.slot import SlotFactory, SlotHost, WorkerSlot
 from offload.tasks import Task, registered_task
 from offload.transport.net import TLS
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def slot_factory(remotes: dict[int, RemoteTarget]) -> SlotFactory:
+    """The slot factory of a pool or handle: a connection to the worker server for the
+    slots in ``remotes``, a local process for the others."""
+
+    def make(host: SlotHost, index: int, gen: int, name: str) -> WorkerSlot:
+        target = remotes.get(index)
+        if target is None:
+            return LocalSlot(host, index, gen, name)
+        return RemoteSlot(host, index, gen, name, target)
+
+    return make
 
 
 def call_settings(fn: Any) -> tuple[Any, float | None, int]:
@@ -96,7 +111,8 @@ class Worker(Submitter):
             max_start_failures=1,
             label=options.name or "",
             names=[options.name or (str(remote.address) if remote else "")],
-            remotes={0: remote} if remote is not None else None,
+            slot_factory=slot_factory({0: remote} if remote is not None else {}),
+            independent=(0,) if remote is not None else (),
         )
         # The handle may be dropped without shutdown(): stop the process then.
         self._finalizer = weakref.finalize(self, self._engine.shutdown_dropped, True)
@@ -108,7 +124,7 @@ class Worker(Submitter):
                 self._engine.shutdown(wait=True, cancel_futures=True, timeout=0)
                 self._finalizer.detach()
                 raise
-        self._engine.scheduler.keep_warm = False  # restart lazily, on the next call
+        self._engine.stop_keeping_warm()  # restart lazily, on the next call
 
     @property
     def name(self) -> str:
@@ -134,11 +150,7 @@ class Worker(Submitter):
     def alive(self) -> bool:
         """Whether the worker's process (or connection) is up."""
         proc = self._engine.current.get(0)
-        if proc is None:
-            return False
-        if proc.child is None:  # remote: the connection is the process
-            return proc.ready and proc.channel is not None and not proc.channel.closed
-        return proc.child.returncode is None
+        return proc is not None and proc.alive
 
     @overload
     def call(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
@@ -334,9 +346,8 @@ class Delegate:
             return remote._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
         options.pop("token", None)
         options.pop("tls", None)
-        opts = make_options(**options)
+        opts = make_options(**{**options, "max_tasks": 1})  # one process per call
         worker = Worker(opts.with_name(opts.name), wait=False)
-        worker._engine.scheduler.max_tasks = 1
         return _run_once(worker, target, args, kwargs, timeout=timeout, retries=retries)
 
     def __repr__(self) -> str:

@@ -1,11 +1,12 @@
-"""Starting, watching, killing and reaping worker processes.
+"""Watching, killing and reaping a started worker process: :class:`ChildProcess`.
 
-A worker is started in a new session (so it leads its own process group: killing the
-group kills the task's subprocesses too, and a Ctrl-C in the terminal reaches only the
-parent), with one end of a socketpair passed by number. Its stderr is always a pipe read
-by the I/O loop: the bytes are passed on as the ``stderr`` option says, and the last
-64 KiB are kept for crash reports. Its exit is observed through a pidfd on Linux (a
-waiter thread elsewhere), and the process is reaped as soon as it exits.
+How a worker is started is the start methods' business (:mod:`offload.process.launch`);
+once started, every worker is the same here. It leads its own process group (it was
+started in a new session: killing the group kills the task's subprocesses too, and a
+Ctrl-C in the terminal reaches only the parent), and its stderr is always a pipe read by
+the I/O loop: the bytes are passed on as the ``stderr`` option says, and the last 64 KiB
+are kept for crash reports. Its exit is observed through a pidfd on Linux (a waiter
+thread elsewhere), and the process is reaped as soon as it exits.
 
 Neither depends on the program's SIGCHLD disposition: a program that ignores SIGCHLD
 (``signal.signal(SIGCHLD, SIG_IGN)``) has its children reaped by the kernel, so a reap
@@ -20,6 +21,9 @@ short grace, SIGKILL to the group and to every descendant found at any point of 
 — also when the worker itself died of the SIGTERM at once, which reparents its children
 out of its tree. Workers make themselves child subreapers (Linux), so a task's
 double-forked daemons stay their descendants and are found too.
+
+Also here, because every start method needs it: :func:`popen`, which never overlaps a
+fork by another thread (the popen/fork lock), and :func:`reap_pid`.
 """
 
 from __future__ import annotations
@@ -27,17 +31,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 from offload.errors import UnknownExitStatus
+from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop, Timer
-from offload.worker.runtime import SETTINGS_ENV, encode_settings
 
 log = logging.getLogger("offload")
 TAIL_LIMIT = 64 * 1024
@@ -94,40 +95,6 @@ def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """``subprocess.Popen``, never overlapping a fork by another thread (see above)."""
     with _popen_lock:
         return subprocess.Popen(argv, **kwargs)
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything needed to start one worker process."""
-
-    name: str
-    start_method: str = "spawn"
-    python: str = sys.executable
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    umask: int | None = None
-    stdout: str = "inherit"
-    stderr: str = "inherit"
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-def worker_argv(spec: LaunchSpec) -> list[str]:
-    """The command line that starts a worker for ``spec.start_method``."""
-    if spec.start_method == "spawn":
-        # -c rather than -m: runpy's imports would cost every worker start-up time.
-        return [spec.python, "-c", "from offload.worker.runtime import run_worker; run_worker()"]
-    if spec.start_method == "reexec":
-        argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
-        argv[0] = sys.executable  # absolute, so a worker cwd= cannot break it
-        script = sys.argv[0] if sys.argv else ""
-        if script and script not in ("-c", "-m") and os.path.exists(script):
-            # The same program, found from any working directory.
-            for i in range(1, len(argv)):
-                if argv[i] == script:
-                    argv[i] = os.path.abspath(script)
-                    break
-        return argv
-    raise ValueError(f"unknown start_method {spec.start_method!r}")
 
 
 class _Sink:
@@ -227,8 +194,20 @@ class ChildProcess:
             self._watch_exit()
 
     def __repr__(self) -> str:
-        state = "running" if self.returncode is None else f"exited {self.returncode}"
-        return f"<ChildProcess {self.name} pid={self.pid} {state}>"
+        if self.returncode is not None:
+            state = f"exited {self.returncode}"
+            if self.returncode < 0:
+                state += f" ({_signal_name(-self.returncode)})"
+            if self.exit_note:
+                state += f" ({self.exit_note})"
+        elif self._signalled:
+            state = f"running, killed with {signal.Signals(self._signalled).name}"
+        else:
+            state = "running"
+        return (
+            f"<ChildProcess {self.name} pid={self.pid} {state} [pipes: {len(self._pipes)} "
+            f"open | descendants to kill: {len(self._doomed)}]>"
+        )
 
     # -- output pipes --------------------------------------------------------------------
 
@@ -392,9 +371,9 @@ class ChildProcess:
             return
         try:
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):
+            # No such group yet: a forked worker stopped (or slow) before its setsid()
+            # still sits in its parent's group. The worker itself must get the signal.
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
@@ -455,72 +434,11 @@ class ChildProcess:
                 self._doomed.pop(pid, None)
 
 
-def _settings(spec: LaunchSpec, fd: int, ppid: int) -> dict[str, Any]:
-    settings = dict(spec.settings)
-    settings.update(fd=fd, name=spec.name, ppid=ppid, sys_path=[p for p in sys.path if p])
-    return settings
-
-
-def launch(
-    spec: LaunchSpec, loop: Loop, on_exit: Callable[[ChildProcess], Any]
-) -> tuple[ChildProcess, socket.socket]:
-    """Start a worker process; return it and the parent's end of its socketpair.
-
-    ``spawn`` and ``reexec`` start a fresh interpreter; ``fork`` forks this process;
-    ``forkserver`` asks the template process of :mod:`offload.process.forkserver`.
-    Must run on the loop thread (see :mod:`offload.transport.loop`).
-
-    Raises:
-        OSError: the process could not be started (e.g. the interpreter does not exist).
-    """
-    for mode in (spec.stdout, spec.stderr):
-        if mode not in ("inherit", "devnull", "prefix"):
-            open(mode, "ab").close()
-    if spec.start_method == "fork":
-        return _launch_fork(spec, loop, on_exit)
-    if spec.start_method == "forkserver":
-        from offload.process.forkserver import launch_via_forkserver
-
-        return launch_via_forkserver(spec, loop, on_exit)
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def _signal_name(number: int) -> str:
     try:
-        env = dict(os.environ)
-        env.update(spec.env)
-        env[SETTINGS_ENV] = encode_settings(_settings(spec, child_sock.fileno(), os.getpid()))
-        stdout: Any = None
-        if spec.stdout == "devnull":
-            stdout = subprocess.DEVNULL
-        elif spec.stdout != "inherit":
-            stdout = subprocess.PIPE
-        process = popen(
-            worker_argv(spec),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            pass_fds=(child_sock.fileno(),),
-            env=env,
-            cwd=spec.cwd,
-            umask=-1 if spec.umask is None else spec.umask,
-            start_new_session=True,
-        )
-    except BaseException:
-        parent_sock.close()
-        raise
-    finally:
-        child_sock.close()
-    # The loop owns the pipes' fds from here on (Popen must not close them).
-    stderr_fd = _take_fd(process.stderr)
-    stdout_fd = _take_fd(process.stdout)
-    child = ChildProcess(
-        process.pid,
-        spec,
-        loop,
-        on_exit,
-        stderr_fd=stderr_fd,
-        stdout_fd=stdout_fd,
-        reap=lambda: _reap_popen(process),
-    )
-    return child, parent_sock
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def reap_pid(pid: int) -> int | None:
@@ -532,116 +450,3 @@ def reap_pid(pid: int) -> int | None:
     except ChildProcessError:
         return UnknownExitStatus()
     return os.waitstatus_to_exitcode(status) if done else None
-
-
-def _reap_popen(process: subprocess.Popen[bytes]) -> int | None:
-    code = reap_pid(process.pid)
-    if code is not None:
-        process.returncode = code  # reaped: the Popen must never wait for the pid again
-    return code
-
-
-def _take_fd(pipe: IO[bytes] | None) -> int | None:
-    if pipe is None:
-        return None
-    fd = os.dup(pipe.fileno())
-    pipe.close()
-    return fd
-
-
-def output_pipes(spec: LaunchSpec) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(stderr read, write) and, when the stdout mode needs one, (stdout read, write)."""
-    stderr_pipe = os.pipe()
-    stdout_pipe = os.pipe() if spec.stdout not in ("inherit", "devnull") else None
-    return stderr_pipe, stdout_pipe
-
-
-def become_worker(
-    spec: LaunchSpec,
-    sock_fd: int,
-    stderr_w: int,
-    stdout_w: int | None,
-    *,
-    ppid: int,
-    keep: tuple[int, ...] = (),
-) -> None:
-    """In a freshly forked child: set up stdio, session, directory and environment,
-    close every other inherited fd, and run the worker loop. Never returns."""
-    try:
-        os.setsid()
-        while sock_fd <= 2 or stderr_w <= 2 or (stdout_w is not None and stdout_w <= 2):
-            # A parent started with a closed stdio fd: move ours above 2 first.
-            sock_fd, stderr_w = os.dup(sock_fd), os.dup(stderr_w)
-            stdout_w = os.dup(stdout_w) if stdout_w is not None else None
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        if spec.stdout == "devnull":
-            os.dup2(devnull, 1)
-        elif stdout_w is not None:
-            os.dup2(stdout_w, 1)
-        os.dup2(stderr_w, 2)
-        _close_other_fds({0, 1, 2, sock_fd, *keep})
-        # The parent's sys.stdout/sys.stderr may be objects on fds just closed (output
-        # capture, a redirected stream): the worker writes to its own fds 1 and 2.
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        if spec.cwd is not None:
-            os.chdir(spec.cwd)
-        if spec.umask is not None:
-            os.umask(spec.umask)
-        os.environ.update(spec.env)
-        from offload.worker.runtime import run_worker
-
-        run_worker(_settings(spec, sock_fd, ppid))
-    except BaseException:  # noqa: BLE001 - a forked child must never return to the caller
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        os._exit(70)
-
-
-def _close_other_fds(keep: set[int]) -> None:
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 1024))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _launch_fork(
-    spec: LaunchSpec, loop: Loop, on_exit: Callable[[ChildProcess], Any]
-) -> tuple[ChildProcess, socket.socket]:
-    """``fork``: fork this very process (fast; unsafe if other threads hold locks)."""
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    (err_r, err_w), out = output_pipes(spec)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()  # or the child would print the parent's buffered text again
-        except (OSError, ValueError):
-            pass
-    ppid = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        become_worker(spec, child_sock.fileno(), err_w, out[1] if out else None, ppid=ppid)
-    child_sock.close()
-    os.close(err_w)
-    if out is not None:
-        os.close(out[1])
-
-    child = ChildProcess(
-        pid,
-        spec,
-        loop,
-        on_exit,
-        stderr_fd=err_r,
-        stdout_fd=out[0] if out else None,
-        reap=lambda: reap_pid(pid),
-    )
-    return child, parent_sock

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 1. The first worker that asks for ``start_method="forkserver"`` starts the template: a
-   fresh interpreter that imports offload's worker runtime and the ``preload`` modules
+   fresh interpreter that imports offload's worker loop and the ``preload`` modules
    once. A new worker is then one ``fork()`` of an already warm process away: no
    interpreter start, no imports — and, unlike ``fork``, nothing of the parent's threads
    or state is copied.
@@ -13,7 +13,7 @@ Theory of operation
    abstract namespace would be reachable by every process of the network namespace).
 3. A request carries the worker's launch spec (a pickle: both ends are this program) and,
    as ``SCM_RIGHTS``, the worker's socket and its stderr/stdout pipe ends. The template
-   forks; the child becomes the worker (:func:`offload.process.child.become_worker`); the
+   forks; the child becomes the worker (:func:`offload.process.fork.become_worker`); the
    template answers with the child's pid.
 4. The template reaps its children and reports every exit status. Exits are reported in
    the order they happen, on the same channel as the answers.
@@ -34,7 +34,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from offload.process.child import ChildProcess, LaunchSpec, become_worker, output_pipes, popen
+from offload.process.child import ChildProcess, popen
+from offload.process.fork import become_worker, output_pipes
+from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop, keep_open
 
 ENV = "OFFLOAD_FORKSERVER"
@@ -47,7 +49,13 @@ class ForkServer:
     """The parent's handle on one template process (one per interpreter + preload)."""
 
     def __init__(self, python: str, preload: tuple[str, ...], loop: Loop) -> None:
+        """Start the template process for ``python`` with ``preload`` imported.
+
+        Raises:
+            OSError: the template could not be started.
+        """
         self.loop = loop
+        self.key = (python, preload)  # its entry in the table of templates
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = {
             "fd": theirs.fileno(),
@@ -76,6 +84,14 @@ class ForkServer:
         self.alive = True
         keep_open(self.sock.fileno())  # shared by every pool; lives with the process
         loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "gone"
+        preload = ",".join(self.key[1]) or "-"
+        return (
+            f"<ForkServer pid={self.popen.pid} {state} [python={self.key[0]} preload={preload}"
+            f" | workers: {len(self.children)} running, {len(self.early_exits)} early exits]>"
+        )
 
     def launch(
         self, spec: LaunchSpec, on_exit: Callable[[ChildProcess], Any]
@@ -174,8 +190,6 @@ class ForkServer:
             child.report_exit(-signal.SIGKILL)  # its parent, the template, is gone
             del self.children[pid]
 
-    key: tuple[str, tuple[str, ...]] = ("", ())
-
 
 _servers: dict[tuple[str, tuple[str, ...]], ForkServer] = {}
 _servers_lock = threading.Lock()
@@ -190,13 +204,12 @@ def launch_via_forkserver(
     spec: LaunchSpec, loop: Loop, on_exit: Callable[[ChildProcess], Any]
 ) -> tuple[ChildProcess, socket.socket]:
     """Start a worker through the template for ``spec``'s interpreter and preload."""
-    preload = tuple(spec.settings.get("preload", ()))
+    preload = spec.settings.preload
     key = (spec.python, preload)
     with _servers_lock:
         server = _servers.get(key)
         if server is None or not server.alive:
             server = ForkServer(spec.python, preload, loop)
-            server.key = key
             _servers[key] = server
     return server.launch(spec, on_exit)
 
@@ -219,7 +232,7 @@ def serve() -> None:
     for entry in reversed(settings["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    import offload.worker.runtime  # noqa: F401 - warm: every worker needs it
+    import offload.worker.loop  # noqa: F401 - warm: every worker needs it
 
     for module in settings["preload"]:
         __import__(module)

@@ -1,8 +1,17 @@
-"""The offload wire protocol, sans-IO: framing, messages and the handshake.
+"""The offload wire protocol, sans-IO: messages, their encoding, connections, handshake.
+
+* :mod:`~offload.protocol.messages`: the messages, frozen records of a tagged union,
+  and the wire constants (statuses, call kinds, the protocol version);
+* :mod:`~offload.protocol.codec`: frames and the bytes of each message;
+* :mod:`~offload.protocol.connection`: one end of a connection, bytes in and messages
+  out, with the version handshake;
+* :mod:`~offload.protocol.auth`: the token handshake and per-frame MACs (imported on
+  its own: workers never need it).
 
 This package imports nothing of offload's but :mod:`offload.errors` and the version.
 """
 
+from offload.protocol.codec import decode_body, encode_body
 from offload.protocol.connection import (
     CLOSED,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -19,10 +28,12 @@ from offload.protocol.messages import (
     BY_NAME,
     BY_VALUE,
     FAILED,
+    INIT_KIND,
     MESSAGE_TYPES,
     OK,
     PROTOCOL_VERSION,
     RAISED,
+    SKIPPED,
     UNKNOWN_TASK,
     Call,
     Cancel,
@@ -41,8 +52,6 @@ from offload.protocol.messages import (
     Shutdown,
     Status,
     StatusRequest,
-    decode_body,
-    encode_body,
     with_call_id,
 )
 
@@ -54,12 +63,14 @@ __all__ = [
     "CLOSED",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "FAILED",
+    "INIT_KIND",
     "MESSAGE_TYPES",
     "NEED_DATA",
     "OK",
     "PROTOCOL_VERSION",
     "PYTHON_VERSION",
     "RAISED",
+    "SKIPPED",
     "UNKNOWN_TASK",
     "Call",
     "Cancel",

@@ -27,13 +27,8 @@ import sys
 
 from offload._version import __version__
 from offload.errors import ProtocolError, VersionMismatch
-from offload.protocol.messages import (
+from offload.protocol.codec import (
     FRAME_HEADER,
-    PROTOCOL_VERSION,
-    Call,
-    Goodbye,
-    Hello,
-    Message,
     decode_body,
     decode_common,
     encode_generic,
@@ -41,6 +36,7 @@ from offload.protocol.messages import (
     frame_common,
     message_size,
 )
+from offload.protocol.messages import PROTOCOL_VERSION, Goodbye, Hello, Message, _new_call
 
 TYPE_CHECKING = False  # workers import this at start-up; typing and hashlib cost time
 if TYPE_CHECKING:
@@ -130,6 +126,21 @@ class Connection:
         # After an authenticated handshake without TLS: MACs every frame (see auth.py).
         self.sealer: Sealer | None = None
 
+    def __repr__(self) -> str:
+        """``<Connection client 'c-1' OPEN with worker 'w-1' (pid 22) | 12 bytes
+        buffered in | sealed>``: the bytes received and not yet returned as messages
+        (nothing is ever buffered out: :meth:`send` returns its frames), whether the
+        peer has closed its end, and whether frames carry a MAC."""
+        me = f"{self.role} {self.name!r}" if self.name else self.role
+        peer = self.peer
+        with_peer = f" with {peer.role} {peer.name!r} (pid {peer.pid})" if peer else ""
+        eof = ", peer closed its end" if self._eof else ""
+        sealed = "sealed" if self.sealer is not None else "unsealed"
+        return (
+            f"<Connection {me} {self.state.name}{with_peer} | "
+            f"{self.buffered} bytes buffered in{eof} | {sealed}>"
+        )
+
     # -- sending -------------------------------------------------------------------------
 
     def hello(self) -> list[bytes | bytearray | memoryview]:
@@ -166,18 +177,7 @@ class Connection:
             whole = frame_call(fields)
             if whole is not None and len(whole) - HEADER.size <= self.max_message_size:
                 return [whole if self.sealer is None else self._sealed(whole)]
-        call_id, kind, timeout, target, function, payload, buffers = fields
-        return self.send(
-            Call(
-                call_id=call_id,
-                kind=kind,
-                timeout=timeout,
-                target=target,
-                function=function,
-                payload=payload,
-                buffers=buffers,
-            )
-        )
+        return self.send(_new_call(*fields))
 
     def fits(self, msg: Message) -> bool:
         """Whether ``msg`` is within ``max_message_size``."""

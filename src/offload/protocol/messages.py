@@ -1,31 +1,55 @@
-"""The messages of the offload wire protocol, and their binary encoding.
+"""The messages of the offload wire protocol: immutable records, one class per tag.
 
 Theory of operation
 -------------------
-A message is an immutable, slotted record. On the wire, its frame body is::
+The protocol's vocabulary is a closed, tagged union: every message is an instance of
+exactly one class of :data:`MESSAGE_TYPES`, and its ``TAG`` is the byte that opens its
+frame body (:mod:`offload.protocol.codec` turns messages into bytes and back). Receivers
+dispatch on the class, with ``match``::
 
-    tag:u8 | fixed fields (one struct, network order) | variable fields | buffers
+    match msg:
+        case Result(call_id):  # __match_args__: the field that routes the message
+            ...
+        case Progress(call_id):
+            ...
 
-* numeric fields (``u8``, ``u32``, ``u64``, ``f64``) are packed together by one
-  precompiled ``struct`` per message type;
-* ``str`` and ``bytes`` fields follow in declaration order, each as ``len:u32 | data``;
-* a message with a ``buffers`` field ends with ``count:u32`` then ``len:u64 | data`` for
-  each out-of-band pickle buffer (pickle protocol 5), so large ``bytes``/NumPy payloads
-  are never copied into the pickle stream.
+===  ===============  ==================  ====================================================
+tag  message          sent by             meaning
+===  ===============  ==================  ====================================================
+1    Hello            both, first         who the sender is; which versions it speaks
+2    Call             client              run a callable (``kind``: BY_VALUE, BY_NAME,
+                                          INIT_KIND)
+3    Result           worker              how a call ended (``status``: OK, RAISED, ...)
+4    Progress         worker              a value a running task reported
+5    Cancel           client              drop a call that has not started
+6    Kill             client              kill the process running a call (remote servers)
+7/8  Ping / Pong      both                heartbeat
+9    Shutdown         client              finish the calls already sent, then exit
+10   Goodbye          both                closing on purpose (``reason``)
+11   ChannelData      both                an item on a channel
+12   ChannelClose     both                a sender of a channel is done
+13   ChannelCredit    both                room for more items (back-pressure)
+14   Failure          both                a protocol error: closing
+15   StatusRequest    operator            ask a server for its :class:`Status`
+16   Status           server              the server's state, as JSON
+===  ===============  ==================  ====================================================
 
-Encoding returns a *list* of byte chunks so the transport can hand them to
-``sendmsg``/``writev`` without joining large buffers. Decoding works on one contiguous
-frame body and returns ``memoryview`` slices of it for buffers (no copy).
+A message is frozen and slotted: its constructor sets every field once (keyword
+arguments only), and ``msg.field = ...``, ``del msg.field`` or a new attribute raise
+:class:`AttributeError`. To change a field, make a new message (:meth:`Result.with_call_id`).
+``FIELDS`` lists each field's name and wire kind (``int``: u64, ``float``: f64, ``str``,
+``bytes``, ``buffers``: out-of-band pickle buffers) in wire order.
 
-Nothing here unpickles: payloads stay opaque ``bytes`` until the client or worker
-decides it trusts the peer. This module imports nothing from offload but the errors.
+Payloads are opaque ``bytes``: nothing here unpickles, so a message can be decoded
+before the receiver decides it trusts the peer. This module imports nothing of offload's.
+
+(Plain classes rather than ``@dataclass(frozen=True, slots=True)``: a worker imports this
+module at start-up, and importing :mod:`dataclasses` (which imports :mod:`inspect`) would
+add more than the rest of the worker's imports cost; the classes behave as frozen,
+slotted, keyword-only dataclasses would.)
 """
 
 from __future__ import annotations
-
-import struct
-
-from offload.errors import ProtocolError
 
 TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
 if TYPE_CHECKING:
@@ -47,21 +71,28 @@ FAILED = 2  # payload: a pickled ExecutionError decided by the peer (remote serv
 BAD_ARGUMENT = 3  # the call could not be unpickled in the worker; message says why
 BAD_RESULT = 4  # the result could not be pickled in the worker; message says why
 UNKNOWN_TASK = 5  # the worker has no task of that name; type_name carries the name
+SKIPPED = 6  # the call was cancelled before it started: it never ran (the answer to Cancel)
 
 # Call.kind values.
 BY_VALUE = 0  # payload: pickled (callable, args, kwargs); or, when ``function`` holds
 #               the pickled callable (a reference by name), pickled (args, kwargs)
 BY_NAME = 1  # target: a registered task name; payload: pickled (args, kwargs)
+INIT_KIND = 2  # the worker's initializer, sent as call 0 before any user call;
+#                payload as for BY_VALUE
 
 
-_set = object.__setattr__  # messages are immutable: their own __setattr__ refuses
+# Fills one field of a message that is being made: only a message's own ``__init__``
+# and _new_call/_new_result, each on the instance it has just created, ever call it
+# (the classes' own __setattr__ refuses every assignment).
+_fill = object.__setattr__
+_new = object.__new__
 
 
 class Message:
-    """Base of every message: an immutable record with typed, slotted fields.
+    """Base of every message: a frozen record with typed, slotted fields.
 
-    (Plain classes rather than dataclasses: a worker imports this module at start-up,
-    and dataclass creation costs milliseconds there.)
+    Subclasses declare ``TAG`` (their wire tag), ``FIELDS`` (``(name, kind)`` in wire
+    order) and a keyword-only constructor that sets each field once.
     """
 
     __slots__ = ()
@@ -69,12 +100,11 @@ class Message:
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()  # (name, kind) in wire order
     __match_args__: ClassVar[tuple[str, ...]] = ()
 
-    def _init(self, values: dict[str, Any]) -> None:
-        for name, _ in self.FIELDS:
-            object.__setattr__(self, name, values[name])
-
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
+        raise AttributeError(f"{type(self).__name__} is immutable: make a new one")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: make a new one")
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -93,11 +123,21 @@ class Message:
             parts.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy and pickle make a new message through its constructor (the default
+        # protocol would set the slots of an existing one, which __setattr__ refuses).
+        return (_remake, (type(self), tuple(getattr(self, n) for n, _ in self.FIELDS)))
+
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):  # buffers: compare contents
         return len(a) == len(b) and all(bytes(x) == bytes(y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def _remake(cls: type[Message], values: tuple[Any, ...]) -> Message:
+    """``cls`` made from its field values in wire order (for copy and pickle)."""
+    return cls(**{name: value for (name, _), value in zip(cls.FIELDS, values, strict=True)})
 
 
 class Hello(Message):
@@ -142,7 +182,13 @@ class Hello(Message):
         name: str,
         slots: int,
     ) -> None:
-        self._init(locals())
+        _fill(self, "role", role)
+        _fill(self, "offload_version", offload_version)
+        _fill(self, "protocol_version", protocol_version)
+        _fill(self, "python_version", python_version)
+        _fill(self, "pid", pid)
+        _fill(self, "name", name)
+        _fill(self, "slots", slots)
 
 
 class Call(Message):
@@ -152,7 +198,7 @@ class Call(Message):
     TAG = 2
     FIELDS = (
         ("call_id", "int"),
-        ("kind", "int"),  # BY_VALUE or BY_NAME
+        ("kind", "int"),  # BY_VALUE, BY_NAME or INIT_KIND
         ("timeout", "float"),  # seconds, 0.0 for none (enforced by the process owner)
         ("target", "str"),  # the task name for BY_NAME; a description otherwise
         # BY_VALUE: the callable pickled on its own, when it travels by reference (a
@@ -182,13 +228,13 @@ class Call(Message):
         buffers: Buffers = (),
         function: bytes = b"",
     ) -> None:
-        _set(self, "call_id", call_id)  # field by field: this is on every call's path
-        _set(self, "kind", kind)
-        _set(self, "timeout", timeout)
-        _set(self, "target", target)
-        _set(self, "function", function)
-        _set(self, "payload", payload)
-        _set(self, "buffers", buffers)
+        _fill(self, "call_id", call_id)
+        _fill(self, "kind", kind)
+        _fill(self, "timeout", timeout)
+        _fill(self, "target", target)
+        _fill(self, "function", function)
+        _fill(self, "payload", payload)
+        _fill(self, "buffers", buffers)
 
 
 class Result(Message):
@@ -237,14 +283,84 @@ class Result(Message):
         payload: bytes = b"",
         buffers: Buffers = (),
     ) -> None:
-        _set(self, "call_id", call_id)
-        _set(self, "status", status)
-        _set(self, "elapsed", elapsed)
-        _set(self, "type_name", type_name)
-        _set(self, "message", message)
-        _set(self, "traceback", traceback)
-        _set(self, "payload", payload)
-        _set(self, "buffers", buffers)
+        _fill(self, "call_id", call_id)
+        _fill(self, "status", status)
+        _fill(self, "elapsed", elapsed)
+        _fill(self, "type_name", type_name)
+        _fill(self, "message", message)
+        _fill(self, "traceback", traceback)
+        _fill(self, "payload", payload)
+        _fill(self, "buffers", buffers)
+
+    def with_call_id(self, call_id: int) -> Result:
+        """This result under another call id (a server relaying a worker's result to
+        its client, who numbered the call its own way)."""
+        return _new_result(
+            call_id,
+            self.status,
+            self.elapsed,
+            self.type_name,
+            self.message,
+            self.traceback,
+            self.payload,
+            self.buffers,
+        )
+
+
+def _new_call(  # noqa: PLR0917 - positional: no keyword parsing per call
+    call_id: int,
+    kind: int,
+    timeout: float,
+    target: str,
+    function: bytes,
+    payload: bytes,
+    buffers: Buffers,
+) -> Call:
+    """A new :class:`Call` from all its fields, positionally in wire order.
+
+    The same Call as ``Call(call_id=..., ...)``, without parsing keywords: the codec's
+    fast decoder and :meth:`Connection.send_call` make one per call, and keyword parsing
+    would cost them about a tenth of a frame's encoding and decoding. Like a
+    constructor, it fills the fields of the Call it has just created, never another.
+    """
+    msg = _new(Call)
+    _fill(msg, "call_id", call_id)
+    _fill(msg, "kind", kind)
+    _fill(msg, "timeout", timeout)
+    _fill(msg, "target", target)
+    _fill(msg, "function", function)
+    _fill(msg, "payload", payload)
+    _fill(msg, "buffers", buffers)
+    return msg
+
+
+def _new_result(  # noqa: PLR0917 - positional: no keyword parsing per call
+    call_id: int,
+    status: int,
+    elapsed: float,
+    type_name: str,
+    message: str,
+    traceback: str,
+    payload: bytes,
+    buffers: Buffers,
+) -> Result:
+    """A new :class:`Result` from all its fields, positionally in wire order (see
+    :func:`_new_call`: the codec's fast decoder and :meth:`Result.with_call_id` use it).
+    """
+    msg = _new(Result)
+    _fill(msg, "call_id", call_id)
+    _fill(msg, "status", status)
+    _fill(msg, "elapsed", elapsed)
+    _fill(msg, "type_name", type_name)
+    _fill(msg, "message", message)
+    _fill(msg, "traceback", traceback)
+    _fill(msg, "payload", payload)
+    _fill(msg, "buffers", buffers)
+    return msg
+
+
+# with_call_id(result, call_id): Result.with_call_id as a function, for relays.
+with_call_id = Result.with_call_id
 
 
 class Progress(Message):
@@ -259,11 +375,15 @@ class Progress(Message):
     buffers: Buffers
 
     def __init__(self, *, call_id: int, payload: bytes, buffers: Buffers = ()) -> None:
-        self._init(locals())
+        _fill(self, "call_id", call_id)
+        _fill(self, "payload", payload)
+        _fill(self, "buffers", buffers)
 
 
 class Cancel(Message):
-    """Drop a call that has not started."""
+    """Drop a call that has not started. The worker answers every call it drops with a
+    Result of status SKIPPED, in the call's place; a call that had started runs on and
+    is answered as usual (so the client always learns which it was)."""
 
     __slots__ = ("call_id",)
     TAG = 5
@@ -272,7 +392,7 @@ class Cancel(Message):
     call_id: int
 
     def __init__(self, *, call_id: int) -> None:
-        self._init(locals())
+        _fill(self, "call_id", call_id)
 
 
 class Kill(Message):
@@ -285,7 +405,7 @@ class Kill(Message):
     call_id: int
 
     def __init__(self, *, call_id: int) -> None:
-        self._init(locals())
+        _fill(self, "call_id", call_id)
 
 
 class Ping(Message):
@@ -298,7 +418,7 @@ class Ping(Message):
     seq: int
 
     def __init__(self, *, seq: int) -> None:
-        self._init(locals())
+        _fill(self, "seq", seq)
 
 
 class Pong(Message):
@@ -311,7 +431,7 @@ class Pong(Message):
     seq: int
 
     def __init__(self, *, seq: int) -> None:
-        self._init(locals())
+        _fill(self, "seq", seq)
 
 
 class Shutdown(Message):
@@ -319,9 +439,6 @@ class Shutdown(Message):
 
     __slots__ = ()
     TAG = 9
-
-    def __init__(self) -> None:
-        pass
 
 
 class Goodbye(Message):
@@ -334,7 +451,7 @@ class Goodbye(Message):
     reason: str
 
     def __init__(self, *, reason: str = "") -> None:
-        self._init(locals())
+        _fill(self, "reason", reason)
 
 
 class ChannelData(Message):
@@ -355,7 +472,10 @@ class ChannelData(Message):
     buffers: Buffers
 
     def __init__(self, *, channel_id: int, raw: int, payload: bytes, buffers: Buffers = ()) -> None:
-        self._init(locals())
+        _fill(self, "channel_id", channel_id)
+        _fill(self, "raw", raw)
+        _fill(self, "payload", payload)
+        _fill(self, "buffers", buffers)
 
 
 class ChannelClose(Message):
@@ -368,7 +488,7 @@ class ChannelClose(Message):
     channel_id: int
 
     def __init__(self, *, channel_id: int) -> None:
-        self._init(locals())
+        _fill(self, "channel_id", channel_id)
 
 
 class ChannelCredit(Message):
@@ -382,7 +502,8 @@ class ChannelCredit(Message):
     count: int
 
     def __init__(self, *, channel_id: int, count: int) -> None:
-        self._init(locals())
+        _fill(self, "channel_id", channel_id)
+        _fill(self, "count", count)
 
 
 class Failure(Message):
@@ -395,7 +516,7 @@ class Failure(Message):
     message: str
 
     def __init__(self, *, message: str) -> None:
-        self._init(locals())
+        _fill(self, "message", message)
 
 
 class StatusRequest(Message):
@@ -403,9 +524,6 @@ class StatusRequest(Message):
 
     __slots__ = ()
     TAG = 15
-
-    def __init__(self) -> None:
-        pass
 
 
 class Status(Message):
@@ -418,7 +536,7 @@ class Status(Message):
     json: str
 
     def __init__(self, *, json: str) -> None:
-        self._init(locals())
+        _fill(self, "json", json)
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -439,326 +557,3 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     StatusRequest,
     Status,
 )
-
-# ---------------------------------------------------------------------------------------
-# Codec: one precompiled layout per message type.
-
-_NUMERIC = {"int": "Q", "float": "d"}
-_U32 = struct.Struct("!I")
-_U64 = struct.Struct("!Q")
-
-
-class _Layout:
-    __slots__ = ("cls", "fixed", "fixed_names", "has_buffers", "var_is_str", "var_names")
-
-    def __init__(self, cls: type[Message]) -> None:
-        fmt = "!B"
-        fixed_names: list[str] = []
-        var_names: list[str] = []
-        var_is_str: list[bool] = []
-        has_buffers = False
-        for name, kind in cls.FIELDS:
-            if kind == "buffers":
-                has_buffers = True
-            elif kind in _NUMERIC:
-                fmt += _NUMERIC[kind]
-                fixed_names.append(name)
-            else:
-                var_names.append(name)
-                var_is_str.append(kind == "str")
-        self.cls = cls
-        self.fixed = struct.Struct(fmt)  # tag + numeric fields
-        self.fixed_names = tuple(fixed_names)
-        self.var_names = tuple(var_names)  # str / bytes fields
-        self.var_is_str = tuple(var_is_str)
-        self.has_buffers = has_buffers
-
-
-_BY_TAG: dict[int, _Layout] = {cls.TAG: _Layout(cls) for cls in MESSAGE_TYPES}
-_BY_CLASS: dict[type[Message], _Layout] = {lay.cls: lay for lay in _BY_TAG.values()}
-
-
-# Calls and results are most of the traffic: they have hand-written codecs for their
-# common shape (no out-of-band buffers, small payload), which produce and accept exactly
-# the bytes of the generic layout above.
-_SMALL = 4096  # below this, a str/bytes field is copied into the head chunk
-_CALL_FIXED = struct.Struct("!BQQd")  # tag, call_id, kind, timeout
-_RESULT_FIXED = struct.Struct("!BQQd")  # tag, call_id, status, elapsed
-_NO_TEXT_PAYLOAD = struct.Struct("!IIII")  # empty type_name, message, traceback; payload size
-_NO_BUFFERS = bytes(4)
-
-
-# Whole frames (length header and body) of the common calls and results, built in one
-# join: what an unsealed connection sends for almost every message.
-FRAME_HEADER = struct.Struct("!Q")  # a frame: its body's length, then the body
-_CALL_FRAME = struct.Struct("!QBQQdI")  # length, tag, call_id, kind, timeout, len(target)
-_RESULT_FRAME = struct.Struct("!QBQQdIIII")  # ... status, elapsed, 3 empty texts, len(payload)
-_CALL_BODY_FIXED = _CALL_FRAME.size - FRAME_HEADER.size + 12  # + function, payload, buffers
-_RESULT_BODY_FIXED = _RESULT_FRAME.size - FRAME_HEADER.size + 4  # + buffer count
-
-
-def frame_call(fields: CallFields) -> bytes | None:
-    """The whole frame of the Call with these fields (in wire order), without making
-    the Call; None if it has buffers or a field too large for this path."""
-    call_id, kind, timeout, target, function, payload, buffers = fields
-    if buffers or len(payload) >= _SMALL or len(function) >= _SMALL:
-        return None
-    name = target.encode("utf-8", "surrogateescape")
-    if len(name) >= _SMALL:
-        return None
-    return b"".join(
-        (
-            _CALL_FRAME.pack(
-                _CALL_BODY_FIXED + len(name) + len(function) + len(payload),
-                Call.TAG,
-                call_id,
-                kind,
-                timeout,
-                len(name),
-            ),
-            name,
-            _U32.pack(len(function)),
-            function,
-            _U32.pack(len(payload)),
-            payload,
-            _NO_BUFFERS,
-        )
-    )
-
-
-def frame_common(msg: Message) -> bytes | None:
-    """The whole frame of a Call or Result of the common shape (no buffers, small
-    fields), or None: then frame :func:`encode_body`'s chunks."""
-    kind = type(msg)
-    if kind is Call:
-        call: Call = msg  # type: ignore[assignment]
-        return frame_call(
-            (
-                call.call_id,
-                call.kind,
-                call.timeout,
-                call.target,
-                call.function,
-                call.payload,
-                call.buffers,
-            )
-        )
-    if kind is Result:
-        result: Result = msg  # type: ignore[assignment]
-        payload = result.payload
-        if (
-            result.buffers
-            or result.type_name
-            or result.message
-            or result.traceback
-            or len(payload) >= _SMALL
-        ):
-            return None
-        return b"".join(
-            (
-                _RESULT_FRAME.pack(
-                    _RESULT_BODY_FIXED + len(payload),
-                    Result.TAG,
-                    result.call_id,
-                    result.status,
-                    result.elapsed,
-                    0,
-                    0,
-                    0,
-                    len(payload),
-                ),
-                payload,
-                _NO_BUFFERS,
-            )
-        )
-    return None
-
-
-def _decode_call(buf: memoryview, start: int, end: int) -> Call | None:
-    """The Call in ``buf[start:end]`` if it has no buffers, or None to let the generic
-    decoder judge the frame."""
-    pos = start + _CALL_FIXED.size
-    if end < pos + 16:
-        return None
-    _, call_id, kind, timeout = _CALL_FIXED.unpack_from(buf, start)
-    (n,) = _U32.unpack_from(buf, pos)
-    pos += 4
-    if pos + n + 12 > end:
-        return None
-    target = str(buf[pos : pos + n], "utf-8", "surrogateescape")
-    pos += n
-    (n,) = _U32.unpack_from(buf, pos)
-    pos += 4
-    if pos + n + 8 > end:
-        return None
-    function = bytes(buf[pos : pos + n]) if n else b""
-    pos += n
-    (n,) = _U32.unpack_from(buf, pos)
-    pos += 4
-    if pos + n + 4 != end or buf[pos + n : end] != _NO_BUFFERS:
-        return None
-    msg = Call.__new__(Call)
-    _set(msg, "call_id", call_id)
-    _set(msg, "kind", kind)
-    _set(msg, "timeout", timeout)
-    _set(msg, "target", target)
-    _set(msg, "function", function)
-    _set(msg, "payload", bytes(buf[pos : pos + n]))
-    _set(msg, "buffers", ())
-    return msg
-
-
-def _decode_result(buf: memoryview, start: int, end: int) -> Result | None:
-    """The Result in ``buf[start:end]`` if it has no text and no buffers, or None to
-    let the generic decoder judge the frame."""
-    pos = start + _RESULT_FIXED.size + _NO_TEXT_PAYLOAD.size
-    if end < pos + 4:
-        return None
-    _, call_id, status, elapsed = _RESULT_FIXED.unpack_from(buf, start)
-    a, b, c, n = _NO_TEXT_PAYLOAD.unpack_from(buf, start + _RESULT_FIXED.size)
-    if a or b or c or pos + n + 4 != end or buf[pos + n : end] != _NO_BUFFERS:
-        return None
-    msg = Result.__new__(Result)
-    _set(msg, "call_id", call_id)
-    _set(msg, "status", status)
-    _set(msg, "elapsed", elapsed)
-    _set(msg, "type_name", "")
-    _set(msg, "message", "")
-    _set(msg, "traceback", "")
-    _set(msg, "payload", bytes(buf[pos : pos + n]))
-    _set(msg, "buffers", ())
-    return msg
-
-
-def with_call_id(msg: Result, call_id: int) -> Result:
-    """A copy of ``msg`` under another call id (a server relaying a worker's result to
-    its client), made without the keyword checks of the constructor."""
-    copy = Result.__new__(Result)
-    _set(copy, "call_id", call_id)
-    _set(copy, "status", msg.status)
-    _set(copy, "elapsed", msg.elapsed)
-    _set(copy, "type_name", msg.type_name)
-    _set(copy, "message", msg.message)
-    _set(copy, "traceback", msg.traceback)
-    _set(copy, "payload", msg.payload)
-    _set(copy, "buffers", msg.buffers)
-    return copy
-
-
-def decode_common(body: memoryview, start: int = 0, end: int | None = None) -> Message | None:
-    """Decode the frame body ``body[start:end]`` if it is a Call or Result of the common
-    shape (no buffers); None otherwise, and then :func:`decode_body` decides. Keeps no
-    reference to ``body``."""
-    if end is None:
-        end = len(body)
-    if end <= start:
-        return None
-    tag = body[start]
-    if tag == Result.TAG:
-        return _decode_result(body, start, end)
-    if tag == Call.TAG:
-        return _decode_call(body, start, end)
-    return None
-
-
-def encode_body(msg: Message) -> list[bytes | bytearray | memoryview]:
-    """Encode a message into frame-body chunks (no frame header)."""
-    whole = frame_common(msg)
-    if whole is not None:  # the common shapes: their frame, without the length header
-        return [memoryview(whole)[FRAME_HEADER.size :]]
-    return encode_generic(msg)
-
-
-def encode_generic(msg: Message) -> list[bytes | bytearray | memoryview]:
-    """:func:`encode_body` without the fast paths (the reference they are tested against)."""
-    lay = _BY_CLASS[type(msg)]
-    head = bytearray(lay.fixed.pack(lay.cls.TAG, *[getattr(msg, n) for n in lay.fixed_names]))
-    chunks: list[bytes | bytearray | memoryview] = [head]
-    for name, is_str in zip(lay.var_names, lay.var_is_str, strict=True):
-        value = getattr(msg, name)
-        data = value.encode("utf-8", "surrogateescape") if is_str else value
-        head += _U32.pack(len(data))
-        if len(data) < 4096:
-            head += data
-        else:
-            chunks.append(data)
-            head = bytearray()
-            chunks.append(head)
-    if lay.has_buffers:
-        buffers: Buffers = getattr(msg, "buffers", ())
-        head += _U32.pack(len(buffers))
-        for buf in buffers:
-            view = memoryview(buf).cast("B")
-            head += _U64.pack(view.nbytes)
-            if view.nbytes < 4096:
-                head += view
-            else:
-                chunks.append(view)
-                head = bytearray()
-                chunks.append(head)
-    return [c for c in chunks if len(c)]
-
-
-def decode_body(body: memoryview) -> Message:
-    """Decode one frame body. Raises ProtocolError on anything malformed."""
-    if len(body) < 1:
-        raise ProtocolError("empty frame")
-    fast = decode_common(body)
-    if fast is not None:
-        return fast
-    return decode_generic(body)
-
-
-def decode_generic(body: memoryview) -> Message:
-    """:func:`decode_body` without the fast paths (the reference they are tested against)."""
-    if len(body) < 1:
-        raise ProtocolError("empty frame")
-    tag = body[0]
-    lay = _BY_TAG.get(tag)
-    if lay is None:
-        raise ProtocolError(f"unknown message type {body[0]}")
-    try:
-        values = dict(zip(("tag", *lay.fixed_names), lay.fixed.unpack_from(body, 0), strict=True))
-        pos = lay.fixed.size
-        end = len(body)
-        for name, is_str in zip(lay.var_names, lay.var_is_str, strict=True):
-            (n,) = _U32.unpack_from(body, pos)
-            pos += 4
-            if pos + n > end:
-                raise ProtocolError(f"{lay.cls.__name__}.{name} runs past the end of the frame")
-            raw = body[pos : pos + n]
-            pos += n
-            values[name] = str(raw, "utf-8", "surrogateescape") if is_str else bytes(raw)
-        if lay.has_buffers:
-            (count,) = _U32.unpack_from(body, pos)
-            pos += 4
-            if count > end - pos:  # each buffer needs at least its 8-byte length
-                raise ProtocolError(f"{lay.cls.__name__}: impossible buffer count {count}")
-            buffers = []
-            for _ in range(count):
-                (n,) = _U64.unpack_from(body, pos)
-                pos += 8
-                if pos + n > end:
-                    raise ProtocolError(f"{lay.cls.__name__}: a buffer runs past the frame")
-                buffers.append(body[pos : pos + n])
-                pos += n
-            values["buffers"] = tuple(buffers)
-    except struct.error as exc:
-        raise ProtocolError(f"truncated {lay.cls.__name__} message") from exc
-    if pos != end:
-        raise ProtocolError(f"{end - pos} stray bytes after a {lay.cls.__name__} message")
-    del values["tag"]
-    return lay.cls(**values)
-
-
-def message_size(msg: Message) -> int:
-    """The encoded body size, without encoding (for max_message_size checks)."""
-    lay = _BY_CLASS[type(msg)]
-    size = lay.fixed.size
-    for name, is_str in zip(lay.var_names, lay.var_is_str, strict=True):
-        value = getattr(msg, name)
-        size += 4 + (len(value.encode("utf-8", "surrogateescape")) if is_str else len(value))
-    if lay.has_buffers:
-        buffers: Buffers = getattr(msg, "buffers", ())
-        size += 4 + sum(8 + memoryview(b).nbytes for b in buffers)
-    return size

@@ -90,6 +90,16 @@ class Loop:
         self._thread = threading.Thread(target=self._run, name="offload-io", daemon=True)
         self._thread.start()
 
+    def __repr__(self) -> str:
+        with self._lock:
+            ready, timers = len(self._ready), len(self._timers)
+        watched = len(self._selector.get_map()) - 1  # less the wake-up pipe
+        alive = "running" if self._thread.is_alive() else "stopped"
+        return (
+            f"<Loop {self._thread.name} {alive} fds={watched} ready={ready} timers={timers}"
+            f"{' busy-poll' if self.busy_poll is not None else ''}>"
+        )
+
     # -- scheduling ----------------------------------------------------------------------
 
     def in_loop(self) -> bool:

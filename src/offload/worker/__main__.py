@@ -1,5 +1,5 @@
 """Entry point of a ``spawn`` worker: ``python -m offload.worker``."""
 
-from offload.worker.runtime import run_worker
+from offload.worker.loop import run_worker
 
 run_worker()

@@ -1,0 +1,349 @@
+"""The worker's main loop: the code that runs a worker process.
+
+Theory of operation
+-------------------
+The parent starts the worker with one end of a socketpair, and its
+:class:`~offload.worker.settings.WorkerSettings` (the socket's number among them) in
+the ``OFFLOAD_WORKER`` environment variable (``spawn``, ``reexec``) or directly (``fork``,
+``forkserver``). That socket carries only protocol frames; the worker's stdout and
+stderr are separate, so nothing a task prints can corrupt the channel.
+
+1. The worker applies its settings (``sys.path``, process title, faulthandler, the
+   lifeline's signal handlers and subreaping), imports the ``preload`` modules and sends
+   its :class:`Hello`.
+2. Calls run one at a time on the main thread, which also reads the socket, when
+   nothing must be answered while a call runs (``concurrency=1``, no heartbeat): calls
+   that arrive meanwhile wait in the socket buffer. Otherwise a reader thread decodes
+   frames: ``Call`` messages go to a FIFO queue that ``concurrency`` executor threads
+   drain (the main thread is one of them, so tasks that install signal handlers work),
+   and ``Ping`` is answered at once by the reader.
+3. Each call is run by :class:`~offload.worker.execution.Execution` and answered with
+   its ``Result`` as soon as it is ready. Calls *start* in the order they arrived: the
+   client relies on that to know which calls were running when a worker dies. A call
+   cancelled before it started is skipped.
+4. ``Shutdown`` is queued behind the calls already received, so they finish first; the
+   worker then says ``Goodbye`` and exits with status 0.
+5. End of file on the socket means the parent is gone (or gave up on us): the worker
+   dies with its whole process group (:mod:`offload.worker.lifeline`).
+
+The worker imports nothing from the client side.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+from _queue import SimpleQueue
+from collections import deque
+
+from offload import protocol as p
+from offload.errors import ProtocolError
+from offload.serde import dumps
+from offload.worker import lifeline
+from offload.worker.execution import Execution, flush_stdio
+from offload.worker.settings import SETTINGS_ENV, WorkerSettings, decode_settings
+
+TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+# Reads go into one preallocated buffer: allocating a fresh 256 KiB bytes object per
+# read costs an mmap/munmap pair, more than the rest of a small call's round trip.
+_READ_SIZE = 1 << 18
+_IOV_MAX = 1024  # buffers one writev takes at most (Linux)
+_STOP = object()  # tells an executor thread to return
+
+
+class WorkerLoop:
+    """One worker process's loop: reads calls, runs them, sends their results.
+
+    Owns the socket to the client (``settings.fd``), the protocol connection, the queue
+    of calls and the set of cancelled call ids.
+    """
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.fd = settings.fd
+        self.name = settings.name
+        self.concurrency = settings.concurrency
+        self.conn = p.Connection(
+            "worker",
+            name=self.name,
+            pid=os.getpid(),
+            slots=self.concurrency,
+            max_message_size=settings.max_message_size,
+        )
+        self.execution = Execution(
+            name=self.name, report=self._report, max_message_size=settings.max_message_size
+        )
+        self.queue: SimpleQueue[Any] = SimpleQueue()
+        self.cancelled: set[int] = set()
+        # Adopted orphans' zombies, when this worker is a subreaper (see run_worker).
+        self.reaper: lifeline.OrphanReaper | None = None
+        self._nonblocking: Any = None  # see read_ready
+        self._read_buf = bytearray(_READ_SIZE)
+        self._read_view = memoryview(self._read_buf)
+        self._send_lock = _thread.allocate_lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        mode = "inline" if self.inline else f"{self.concurrency} threads"
+        state = "closed" if self._closed else "open"
+        return (
+            f"<WorkerLoop {self.name} pid={os.getpid()} fd={self.fd} {state} [{mode} | "
+            f"calls: {self.queue.qsize()} queued, {len(self.cancelled)} cancelled]>"
+        )
+
+    # -- output --------------------------------------------------------------------------
+
+    def send(self, msg: p.Message) -> None:
+        """Send one message; safe from any thread. Does nothing once the channel broke."""
+        with self._send_lock:
+            if self._closed:
+                return
+            self._write(self.conn.send(msg))
+
+    def _write(self, chunks: list[Any]) -> None:
+        views = [memoryview(c).cast("B") for c in chunks]
+        while views:
+            try:
+                n = os.writev(self.fd, views[:_IOV_MAX])
+            except InterruptedError:
+                continue
+            except OSError:
+                self._closed = True  # parent gone; the reader will notice EOF
+                return
+            while n and views:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def _report(self, call_id: int, value: Any) -> None:
+        """``offload.report(value)`` in a running call: send it as the call's progress."""
+        data, buffers = dumps(value)
+        self.send(p.Progress(call_id=call_id, payload=data, buffers=tuple(buffers)))
+
+    def say_hello(self) -> None:
+        """Send this worker's Hello (the first frame on the channel)."""
+        self._write(self.conn.hello())
+
+    def say_goodbye(self) -> None:
+        """Send Goodbye after the last result, and send nothing more."""
+        with self._send_lock:
+            if not self._closed:
+                self._write(self.conn.send(p.Goodbye(reason="shutdown")))
+            self._closed = True
+
+    def die(self) -> NoReturn:
+        """The client is gone or broke the protocol: end this worker and its process
+        group now (:func:`offload.worker.lifeline.die`)."""
+        self._closed = True
+        lifeline.die()
+
+    # -- input ---------------------------------------------------------------------------
+
+    @property
+    def inline(self) -> bool:
+        """Run calls on the thread that reads the socket (no thread hand-off per call).
+
+        Possible when calls run one at a time and nothing must be answered while a call
+        runs (no heartbeat): parent death during a call is then caught by the
+        parent-death signal, and calls that arrive meanwhile wait in the socket buffer.
+        """
+        return self.concurrency == 1 and not self.settings.heartbeat
+
+    def read_batch(self, timeout: float | None = None) -> list[p.Message]:
+        """Block until at least one frame arrives; return the complete messages.
+
+        Ends the process (:meth:`die`) when the client is gone, breaks the protocol, or
+        sends nothing for ``timeout`` seconds.
+        """
+        while True:
+            if timeout is not None:
+                import select
+
+                ready, _, _ = select.select([self.fd], [], [], timeout)
+                if not ready:
+                    self.die()  # no heartbeat from the client
+            try:
+                n = os.readv(self.fd, [self._read_buf])
+            except InterruptedError:
+                continue
+            except OSError:
+                n = 0
+            self.conn.receive_data(self._read_view[:n] if n else b"")
+            batch: list[p.Message] = []
+            try:
+                ended = self.conn.next_events(batch) is p.CLOSED
+            except ProtocolError:
+                self.die()
+            if ended:
+                self.die()  # the client closed the connection
+            if batch:
+                return batch
+
+    def read_loop(self) -> None:
+        """Reader thread (threaded mode): route frames to the executors. Never returns."""
+        timeout = None
+        heartbeat = self.settings.heartbeat
+        if heartbeat and self.settings.shutdown_on == "heartbeat_timeout":
+            timeout = heartbeat[1]
+        while True:
+            for msg in self.read_batch(timeout):
+                self.handle(msg)
+
+    def inline_loop(self) -> None:
+        """Inline mode: read and run calls on this thread; returns on Shutdown.
+
+        Calls sent ahead arrive in batches; before each call after the first, the
+        socket is read without blocking, so that a Cancel the client sent while an
+        earlier call ran wins over running the call it names."""
+        pending: deque[p.Message] = deque()
+        while True:
+            if not pending:
+                pending.extend(self._noting_cancels(self.read_batch()))
+            msg = pending.popleft()
+            if isinstance(msg, p.Call):
+                # Each result goes back as soon as it is ready: holding it to share a
+                # write with the next call's would make it wait for that call, however
+                # long it runs.
+                self.run_call(msg)
+                if pending:
+                    pending.extend(self._noting_cancels(self.read_ready()))
+            elif isinstance(msg, p.Shutdown):
+                return
+            else:
+                self.handle(msg)
+
+    def _noting_cancels(self, batch: list[p.Message]) -> list[p.Message]:
+        """``batch``, after noting its Cancels (one read with its call must win)."""
+        for msg in batch:
+            if isinstance(msg, p.Cancel):
+                self.cancelled.add(msg.call_id)
+        return batch
+
+    def read_ready(self) -> list[p.Message]:
+        """The complete messages that arrived already, without blocking ([] if none;
+        the end of the connection is left for :meth:`read_batch` to find)."""
+        import _socket  # only once calls come in batches: not on every worker's start-up
+
+        sock = self._nonblocking
+        if sock is None:
+            # The C socket type over the same fd (the ``socket`` package costs a worker
+            # start-up time): reads with MSG_DONTWAIT leave the fd blocking for the
+            # blocking reads. Kept for the life of the process, so it never closes it.
+            sock = self._nonblocking = _socket.socket(fileno=self.fd)
+        try:
+            n = sock.recv_into(self._read_buf, 0, _socket.MSG_DONTWAIT)
+        except OSError:  # nothing there (BlockingIOError), or gone: read_batch will see
+            return []
+        if not n:
+            return []
+        self.conn.receive_data(self._read_view[:n])
+        batch: list[p.Message] = []
+        try:
+            self.conn.next_events(batch)
+        except ProtocolError:
+            self.die()
+        return batch
+
+    def handle(self, msg: p.Message) -> None:
+        """Act on one message from the client (threaded mode: on the reader thread)."""
+        match msg:
+            case p.Call():
+                self.queue.put(msg)
+            case p.Ping(seq=seq):
+                self.send(p.Pong(seq=seq))
+            case p.Cancel(call_id=call_id):
+                self.cancelled.add(call_id)
+            case p.Shutdown():
+                for _ in range(self.concurrency):  # one per executor thread, behind the calls
+                    self.queue.put(_STOP)
+            case p.Goodbye():
+                self.die()  # the client said goodbye
+            case _:
+                pass  # Hello (handled by Connection), Pong and channel traffic
+
+    # -- execution -----------------------------------------------------------------------
+
+    def execute_loop(self) -> None:
+        """Executor thread: run queued calls in arrival order until told to stop."""
+        while True:
+            call = self.queue.get()
+            if call is _STOP:
+                return
+            self.run_call(call)
+
+    def run_call(self, call: p.Call) -> None:
+        """Run ``call`` and send its result; a call cancelled before it started is
+        answered SKIPPED instead (the client then knows it never ran)."""
+        if call.call_id in self.cancelled:
+            self.cancelled.discard(call.call_id)
+            self.send(p.Result(call_id=call.call_id, status=p.SKIPPED))
+            return
+        self.send(self.execution.run(call))
+        if self.reaper is not None:
+            self.reaper.reap()
+
+
+def run_worker(settings: WorkerSettings | None = None) -> NoReturn:
+    """Run this process as a worker until told to stop; never returns.
+
+    Args:
+        settings: the worker settings; read from ``OFFLOAD_WORKER`` when omitted.
+
+    Raises:
+        KeyError: no settings given and ``OFFLOAD_WORKER`` is not set.
+    """
+    if settings is None:
+        settings = decode_settings(os.environ.pop(SETTINGS_ENV))
+    os.set_inheritable(settings.fd, False)  # tasks' subprocesses must not hold it
+    for entry in reversed(settings.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    import faulthandler
+
+    faulthandler.enable()
+    _set_title(settings.name)
+    loop = WorkerLoop(settings)
+    if lifeline.become_subreaper():
+        loop.reaper = lifeline.OrphanReaper()
+    lifeline.install_signal_handlers(settings.ppid)
+    if sys.stdout is not None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    for module in settings.preload:
+        __import__(module)
+    loop.say_hello()
+
+    if settings.shutdown_on != "explicit":
+        lifeline.set_parent_death_signal(settings.ppid)
+    if loop.inline:
+        loop.inline_loop()
+    else:
+        import threading
+
+        threading.Thread(target=loop.read_loop, name="offload-worker-reader", daemon=True).start()
+        helpers = [
+            threading.Thread(target=loop.execute_loop, name=f"offload-exec-{i}", daemon=True)
+            for i in range(1, loop.concurrency)
+        ]
+        for t in helpers:
+            t.start()
+        loop.execute_loop()  # returns on Shutdown
+        for t in helpers:
+            t.join()
+    flush_stdio()
+    loop.say_goodbye()
+    os._exit(0)
+
+
+def _set_title(name: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
