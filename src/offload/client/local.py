@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from offload import protocol as p
 from offload.client import outcome
 from offload.client.options import env_for_worker, settings_for_worker
-from offload.client.slot import PUMP_WINDOW, ExitInfo, SlotHost
+from offload.client.slot import PUMP_WINDOW, ChannelSlot, ExitInfo, SlotHost
 from offload.errors import OffloadError, ProtocolError, describe_exit
 from offload.process.child import ChildProcess
 from offload.process.launch import LaunchSpec, launch
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("offload")
 
 
-class LocalSlot:
+class LocalSlot(ChannelSlot):
     """One worker process of a slot: its child process, its channel, its timers.
 
     Lives on the I/O loop: every method but :meth:`send_calls`, :meth:`kill` and
@@ -294,28 +293,12 @@ class LocalSlot:
         if self.channel is not None:
             self.channel.enqueue_calls(calls)
 
-    def flush(self) -> None:
-        """Write the queued calls (after the engine lock is released)."""
-        if self.channel is not None:
-            self.channel.flush()
-
     def pump(self, future: Future[Any]) -> None:
         """Let a thread waiting on ``future`` read this worker's answers itself for a
         moment: a short call's result then skips the hand-off from the loop thread."""
         channel = self.channel
         if channel is not None:
             channel.pump(future.done, PUMP_WINDOW)
-
-    def claim(self) -> bool:
-        """See :meth:`offload.transport.channel.Channel.claim`."""
-        channel = self.channel
-        return channel is not None and channel.claim()
-
-    def pump_claimed(self, done: Callable[[], bool], window: float) -> None:
-        """See :meth:`offload.transport.channel.Channel.pump_claimed`."""
-        channel = self.channel
-        if channel is not None:
-            channel.pump_claimed(done, window)
 
     # -- ending --------------------------------------------------------------------------
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import os
 import ssl
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from offload import protocol as p
-from offload.client.slot import PUMP_WINDOW, ExitInfo
+from offload.client.slot import PUMP_WINDOW, ChannelSlot, ExitInfo
 from offload.errors import AuthenticationError, NoWorkerAvailable, OffloadError, ProtocolError
 from offload.tokens import resolve_token
 from offload.transport.channel import Channel
@@ -64,7 +63,7 @@ class RemoteTarget:
         return f"RemoteTarget({self.address}, tls={self.tls is not None})"
 
 
-class RemoteSlot:
+class RemoteSlot(ChannelSlot):
     """One connection to a worker server, in an engine slot (a
     :class:`~offload.client.slot.WorkerSlot`): the server's pool runs the calls, each in
     a process of its own, so they die one by one (``kill_call``), not with the slot."""
@@ -111,17 +110,6 @@ class RemoteSlot:
         """False: a connection that failed to start reports nothing more (one that
         started reports its close through ``process_exited``)."""
         return False
-
-    def claim(self) -> bool:
-        """See :meth:`offload.transport.channel.Channel.claim`."""
-        channel = self.channel
-        return channel is not None and channel.claim()
-
-    def pump_claimed(self, done: Callable[[], bool], window: float) -> None:
-        """See :meth:`offload.transport.channel.Channel.pump_claimed`."""
-        channel = self.channel
-        if channel is not None:
-            channel.pump_claimed(done, window)
 
     def __repr__(self) -> str:
         state = "ready" if self.ready else "closing" if self.expected_exit else "connecting"
@@ -266,11 +254,6 @@ class RemoteSlot:
         if self.channel is not None:
             self._sent.update(fields[0] for fields in calls)
             self.channel.enqueue_calls(calls)
-
-    def flush(self) -> None:
-        """Write the queued calls."""
-        if self.channel is not None:
-            self.channel.flush()
 
     def pump(self, future: Any) -> None:
         """Read the server's answers on the waiting thread for a moment."""

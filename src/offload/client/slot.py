@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from offload.client.future import Future
     from offload.client.options import WorkerOptions
     from offload.protocol.messages import CallFields
+    from offload.transport.channel import Channel
     from offload.transport.loop import Loop
 
 # How long a waiting thread reads a worker's socket itself before leaving it to the
@@ -218,6 +219,31 @@ class SlotHost(Protocol):
 
     def discard(self, proc: WorkerSlot) -> None:
         """``proc`` never ran (killed or failed before anything was started)."""
+
+
+class ChannelSlot:
+    """What the slot kinds whose worker talks over a
+    :class:`~offload.transport.channel.Channel` share: writing what was queued, and a
+    waiting thread reading its own answer."""
+
+    channel: Channel | None = None
+
+    def flush(self) -> None:
+        """Write the queued calls (after the engine lock is released)."""
+        channel = self.channel
+        if channel is not None:
+            channel.flush()
+
+    def claim(self) -> bool:
+        """See :meth:`offload.transport.channel.Channel.claim`."""
+        channel = self.channel
+        return channel is not None and channel.claim()
+
+    def pump_claimed(self, done: Callable[[], bool], window: float) -> None:
+        """See :meth:`offload.transport.channel.Channel.pump_claimed`."""
+        channel = self.channel
+        if channel is not None:
+            channel.pump_claimed(done, window)
 
 
 SlotFactory = Callable[[SlotHost, int, int, str], WorkerSlot]
