@@ -10,12 +10,12 @@ looked up once by the worker); anything else (a lambda, a closure, a function of
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from offload import protocol as p
 from offload.client import outcome
 from offload.client.future import Future
+from offload.client.scheduler import Scheduler
 from offload.client.slot import CallRecord
 from offload.serde import culprit, dumps, function_reference, type_name
 from offload.transport.channel import in_dispatch
@@ -103,12 +103,15 @@ class QueueBudget:
     def __repr__(self) -> str:
         return f"<QueueBudget used={self.used} limit={MAX_QUEUED_BYTES} waiters={self.waiters}>"
 
-    def wait_for_room(self, size: int, closed: Callable[[], bool]) -> None:
-        """Wait until a call of ``size`` bytes fits (or ``closed()``). Never where
+    def wait_for_room(self, size: int, scheduler: Scheduler) -> None:
+        """Wait until a call of ``size`` bytes fits (or ``scheduler`` closed). Never where
         waiting could block the delivery of the results that make room (on the I/O
         thread, in a callback): there the call goes over the limit."""
         while (
-            self.used and self.used + size > MAX_QUEUED_BYTES and not closed() and not in_dispatch()
+            self.used
+            and self.used + size > MAX_QUEUED_BYTES
+            and not scheduler.closed
+            and not in_dispatch()
         ):
             self.waiters += 1
             try:

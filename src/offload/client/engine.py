@@ -234,7 +234,7 @@ class Engine:
         self.check_owner()
         with self.lock:
             if record.queued_bytes:
-                self.budget.wait_for_room(record.queued_bytes, lambda: self.scheduler.closed)
+                self.budget.wait_for_room(record.queued_bytes, self.scheduler)
             if self.scheduler.closed:
                 raise RuntimeError("cannot submit after shutdown")
             self.budget.take(record)

@@ -117,6 +117,7 @@ _PENDING = concurrent.futures._base.PENDING
 _RUNNING = concurrent.futures._base.RUNNING
 _FINISHED = concurrent.futures._base.FINISHED
 _CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
+_UNFINISHED = (_PENDING, _RUNNING)
 _CANCELLED_STATES = frozenset(
     {concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED}
 )
@@ -384,11 +385,13 @@ class Future(concurrent.futures.Future[T]):
 
     def _resolve_value(self, value: Any) -> bool:
         self._pump = None
-        if _LIGHT_INIT and self._cond is None and self._state == _RUNNING:
+        if _LIGHT_INIT and self._cond is None and self._state in _UNFINISHED:
             # Nobody has taken this future's lock, so nobody waits on it and it has no
             # callbacks. Publish the result, then look again: a thread that makes the
             # lock from now on finds the future finished (the GIL orders these steps);
-            # one that made it in between gets the usual notification below.
+            # one that made it in between gets the usual notification below. (PENDING
+            # too: a call sent ahead is answered before it was ever marked running, and
+            # nobody can cancel it meanwhile: the engine dropped it before delivering.)
             self._result = value
             self._state = _FINISHED
             if self._cond is None:

@@ -36,6 +36,7 @@ import os
 import sys
 from _queue import SimpleQueue
 from collections import deque
+from time import monotonic
 
 from offload import protocol as p
 from offload.errors import ProtocolError
@@ -53,6 +54,11 @@ if TYPE_CHECKING:
 _READ_SIZE = 1 << 18
 _IOV_MAX = 1024  # buffers one writev takes at most (Linux)
 _STOP = object()  # tells an executor thread to return
+
+
+# Calls that waited behind others this long (seconds) are checked for a Cancel that
+# arrived meanwhile before they start (see WorkerLoop.inline_loop).
+CANCEL_CHECK = 0.001
 
 
 class WorkerLoop:
@@ -199,21 +205,26 @@ class WorkerLoop:
     def inline_loop(self) -> None:
         """Inline mode: read and run calls on this thread; returns on Shutdown.
 
-        Calls sent ahead arrive in batches; before each call after the first, the
-        socket is read without blocking, so that a Cancel the client sent while an
-        earlier call ran wins over running the call it names."""
+        Calls sent ahead arrive in batches; before a call that waited behind others
+        for over CANCEL_CHECK seconds, the socket is read without blocking, so that a
+        Cancel the client sent while earlier calls ran wins over running the call it
+        names. (Not before each call: a pipeline of tiny calls would pay a system call
+        per call, about 7% of its throughput, for a window of a millisecond.)"""
         pending: deque[p.Message] = deque()
+        read_at = 0.0
         while True:
             if not pending:
                 pending.extend(self._noting_cancels(self.read_batch()))
+                read_at = monotonic()
             msg = pending.popleft()
             if isinstance(msg, p.Call):
                 # Each result goes back as soon as it is ready: holding it to share a
                 # write with the next call's would make it wait for that call, however
                 # long it runs.
                 self.run_call(msg)
-                if pending:
+                if pending and monotonic() - read_at > CANCEL_CHECK:
                     pending.extend(self._noting_cancels(self.read_ready()))
+                    read_at = monotonic()
             elif isinstance(msg, p.Shutdown):
                 return
             else:
