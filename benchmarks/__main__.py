@@ -18,6 +18,7 @@ from benchmarks import make_importable
 make_importable()
 
 from benchmarks import (  # noqa: E402
+    actors,
     coldstart,
     death,
     pool_coldstart,
@@ -26,6 +27,7 @@ from benchmarks import (  # noqa: E402
     remote,
     report,
     roundtrip,
+    ssh,
     timeout,
 )
 from benchmarks.report import Section, Target  # noqa: E402
@@ -40,6 +42,8 @@ NAMES = (
     "pool-map",
     "pool-failure",
     "remote",
+    "ssh",
+    "actors",
 )
 
 
@@ -61,6 +65,7 @@ class Plan:
     pool_failure_reps: int = 10
     remote_pool_calls: int = 5000
     remote_reps: int = 3
+    ssh_reps: int = 10  # worker starts over ssh per contender
     limit: float = 60.0  # seconds before a batch of calls counts as hung
 
 
@@ -80,6 +85,7 @@ QUICK = Plan(
     pool_failure_reps=3,
     remote_pool_calls=1000,
     remote_reps=1,
+    ssh_reps=3,
     limit=30.0,
 )
 
@@ -197,7 +203,46 @@ def run(plan: Plan, only: set[str]) -> list[Section]:
                 subjects=(remote.HOSTS_POOL,),
             )
         )
+    if "actors" in only:
+        sections += _actor_sections(plan)
+    if "ssh" in only:
+        _log("worker start over ssh...")
+        sections.append(
+            Section(
+                "Worker start over ssh → first result (a new ssh connection each)",
+                "ms",
+                ssh.run(plan.ssh_reps),
+                floor=ssh.FLOOR,
+                subjects=(ssh.INSTALLED, ssh.ZERO_INSTALL),
+                target=Target("≤ 1.5x bare ssh host python -c pass", 1.5, relative=True),
+            )
+        )
     return sections
+
+
+def _actor_sections(plan: Plan) -> list[Section]:
+    _log("actors...")
+    rows = actors.run(plan.calls, plan.warmup, plan.rounds)
+    return [
+        Section(
+            "Actor call round trip, echo(1), sequential",
+            "µs",
+            rows,
+            floor=actors.POOL,
+            # The creator's calls take the worker's own channel: the target is theirs. A
+            # holder's go through the actor's listener (TCP, a session, a thread).
+            subjects=(actors.ACTOR,),
+            target=Target("≤ a pool call to one worker", 1.0, relative=True),
+        ),
+        Section(
+            "Actor calls/s, sequential (against Ray actors)",
+            "calls/s",
+            rows,
+            floor=actors.RAY,
+            subjects=(actors.ACTOR, actors.HOLDER),
+            target=Target("≥ 2x Ray's (round trip ≤ half Ray's)", 2.0, relative=True),
+        ),
+    ]
 
 
 def _pool_sections(plan: Plan, only: set[str]) -> list[Section]:

@@ -33,10 +33,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    import offload
+    from sshd import SSHD
 
 # How long teardown waits for the library's own background cleanup (reaping
 # workers, joining helper threads, closing pipes) before calling it a leak.
@@ -74,17 +78,26 @@ TIER_OF_FILE = {
     "test_conftest_self.py": "process",  # inner pytest runs whose tests start processes
     "test_contract.py": "process",  # its remote worker kind is marked network
     "test_crash_matrix.py": "process",
+    "test_docs_examples.py": "process",  # every ```python block of docs/, run as a script
+    "test_docs_examples.py::test_example_with_a_server_runs": "network",  # + offload serve
     "test_lifecycle.py": "process",
+    "test_lock.py": "process",  # lock holders are real processes
     "test_pool.py": "process",
+    "test_pool_kill_reduce.py": "process",
     "test_process_reliability.py": "process",
     "test_progress.py": "process",
     "test_readme.py": "process",
     "test_shutdown_exit_fork.py": "process",
+    "test_fork_imports.py": "process",
     "test_stress.py": "process",
     "test_worker_api.py": "process",
+    "test_actor.py": "network",  # actors listen on 127.0.0.1; one test runs offload serve
+    "test_mypy_plugin.py": "process",  # runs mypy
     "test_loop.py": "network",  # the I/O loop's channels over socket pairs
     "test_remote.py": "network",
     "test_remote_security.py": "network",
+    "test_ssh.py": "network",  # a real sshd on 127.0.0.1 per test
+    "test_actor_ssh.py": "network",  # actors over ssh: a real sshd on 127.0.0.1 per test
     "test_server_hardening.py": "network",
     "test_server_session.py": "network",  # a server session over socket pairs
 }
@@ -176,6 +189,50 @@ def unit_tier_guard(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., offload.Worker]]:
+    """``offload.spawn`` whose workers are all shut down at teardown."""
+    import offload
+
+    workers: list[offload.Worker] = []
+
+    def make(**options: Any) -> offload.Worker:
+        worker = offload.spawn(**options)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.shutdown(wait=True, timeout=10)
+
+
+# A real sshd on 127.0.0.1 (``sshd``) for the ssh tests, which skip without one.
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The host and client keys of every test's sshd (``sshd.make_keys``)."""
+    from sshd import make_keys
+
+    directory = tmp_path_factory.mktemp("ssh-keys")
+    make_keys(directory)
+    return directory
+
+
+@pytest.fixture
+def sshd(ssh_keys: Path, tmp_path: Path) -> Iterator[SSHD]:
+    """This test's own sshd; it fails if any session process is left behind at the end."""
+    from sshd import SSHD
+
+    server = SSHD(ssh_keys, tmp_path).start()
+    try:
+        yield server
+    finally:
+        left = server.stop()
+    if left:
+        pytest.fail("processes left behind on the ssh side:\n  " + "\n  ".join(left))
 
 
 # --------------------------------------------------------------------------- #

@@ -10,8 +10,9 @@ lives at module level here. Modelled on loky's ``crash_cases``, written afresh:
 * ``raise_error`` / ``sys_exit`` / ``os_exit`` / ``segfault`` fail when run;
 * ``return_instance(cls)`` makes a worker return one of those objects as its result.
 
-The parent-side :class:`Fifo` and :func:`is_gone` are for synchronising with tasks and
-checking that processes died, without sleeping.
+The parent-side :class:`Fifo`, :class:`Recorder` (an ``on_failure`` callback to wait on)
+and :func:`is_gone` are for synchronising with tasks and checking that processes died,
+without sleeping.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -316,6 +318,39 @@ class Fifo:
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class Recorder:
+    """An ``on_failure`` callback that records its calls; the test waits on it."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self.threads: list[str] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, err: BaseException) -> None:
+        with self._cond:
+            self.errors.append(err)
+            self.threads.append(threading.current_thread().name)
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[BaseException]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.errors) >= n, timeout), (
+                f"on_failure called {len(self.errors)} times, expected {n}"
+            )
+            return list(self.errors)
+
+
+def wait_until(predicate: Callable[[], bool], limit: float) -> bool:
+    """Poll ``predicate`` (what nothing can be told about, e.g. a process's end) until it
+    holds or ``limit`` seconds pass; its last value."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return predicate()
+        time.sleep(0.01)
+    return True
 
 
 def is_gone(pid: int) -> bool:

@@ -4,10 +4,12 @@ lighter per-future Condition."""
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 import threading
 
 import pytest
 
+import offload
 from offload.client.future import _LIGHT_INIT, Future
 
 
@@ -26,10 +28,47 @@ def test_result_waits_across_threads() -> None:
 
 def test_result_timeout_and_exception() -> None:
     fut: Future[int] = Future()
-    with pytest.raises(TimeoutError):
+    # The builtin TimeoutError on every version (on 3.10 concurrent.futures has its own,
+    # which `except TimeoutError` misses): both catch what a wait that timed out raises.
+    with pytest.raises(TimeoutError) as info:
         fut.result(timeout=0.01)
+    assert isinstance(info.value, concurrent.futures.TimeoutError)
+    with pytest.raises(TimeoutError) as info:
+        fut.exception(timeout=0.01)
+    assert isinstance(info.value, concurrent.futures.TimeoutError)
     fut.set_exception(ValueError("x"))
     assert isinstance(fut.exception(timeout=0), ValueError)
+
+
+def test_a_tasks_own_concurrent_futures_timeout_error_is_raised_as_itself() -> None:
+    fut: Future[int] = Future()
+    own = concurrent.futures.TimeoutError("the task's own")
+    fut.set_exception(own)
+    with pytest.raises(concurrent.futures.TimeoutError) as info:
+        fut.result(timeout=0.01)
+    assert info.value is own
+    assert fut.exception(timeout=0.01) is own
+
+
+def test_as_completed_times_out_with_the_builtin_timeout_error() -> None:
+    done: Future[int] = Future()
+    done.set_result(1)
+    pending: Future[int] = Future()
+    seen = []
+    with pytest.raises(TimeoutError) as info:
+        for fut in offload.as_completed([done, pending], timeout=0.05):
+            seen.append(fut)
+    assert seen == [done]
+    assert isinstance(info.value, concurrent.futures.TimeoutError)
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="one TimeoutError class from 3.11 on")
+def test_concurrent_futures_as_completed_on_3_10_raises_its_own_timeout_error() -> None:
+    """The documented limitation offload.as_completed is there for."""
+    pending: Future[int] = Future()
+    with pytest.raises(concurrent.futures.TimeoutError) as info:
+        list(concurrent.futures.as_completed([pending], timeout=0.01))
+    assert not isinstance(info.value, TimeoutError)
 
 
 def test_cancel_and_callbacks() -> None:

@@ -33,28 +33,6 @@ def resolve(fut: offload.Future[Any]) -> BaseException | None:
     return fut.exception(timeout=RESOLVE_TIMEOUT)
 
 
-class Recorder:
-    """An ``on_failure`` callback that records its calls; the test waits on it."""
-
-    def __init__(self) -> None:
-        self.errors: list[BaseException] = []
-        self.threads: list[str] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, err: BaseException) -> None:
-        with self._cond:
-            self.errors.append(err)
-            self.threads.append(threading.current_thread().name)
-            self._cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = RESOLVE_TIMEOUT) -> list[BaseException]:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.errors) >= n, timeout), (
-                f"on_failure called {len(self.errors)} times, expected {n}"
-            )
-            return list(self.errors)
-
-
 # --------------------------------------------------------------------------------------- #
 # The parent dies
 # --------------------------------------------------------------------------------------- #
@@ -159,6 +137,16 @@ def test_task_subprocesses_die_with_their_parent(parent_died: list[int]) -> None
 # --------------------------------------------------------------------------------------- #
 
 
+def _running(fut: offload.Future[Any]) -> offload.Future[Any]:
+    """``fut`` once its call runs on the worker: until then kill() and shutdown() only
+    cancel it (on a loaded machine the I/O thread may not have sent it yet)."""
+    deadline = time.monotonic() + RESOLVE_TIMEOUT
+    while not fut.running():
+        assert not fut.done() and time.monotonic() < deadline, f"the call never started: {fut}"
+        time.sleep(0.002)
+    return fut
+
+
 def _cycle(i: int) -> None:
     """Spawn, crash, restart, kill a call, and end the worker one of three ways."""
     w = offload.spawn(stderr="devnull")
@@ -167,14 +155,14 @@ def _cycle(i: int) -> None:
         crash = resolve(w.submit(crashes.os_exit))
         assert isinstance(crash, offload.WorkerCrashed)
         assert w.call(os.getpid) != pid
-        fut = w.submit(crashes.sleep)
+        fut = _running(w.submit(crashes.sleep))
         assert fut.kill() is True
         assert isinstance(resolve(fut), offload.WorkerKilled)
         if i % 3 == 1:
             w.call(os.getpid)
             w.kill()
         elif i % 3 == 2:
-            fut = w.submit(crashes.sleep)
+            fut = _running(w.submit(crashes.sleep))
             w.shutdown(timeout=0.2)
             assert isinstance(resolve(fut), offload.WorkerKilled)
     finally:
@@ -335,8 +323,8 @@ def test_a_handle_collected_while_its_engine_lock_is_held_does_not_deadlock() ->
 
 
 @pytest.fixture
-def recorded() -> Iterator[tuple[offload.Worker, Recorder]]:
-    rec = Recorder()
+def recorded() -> Iterator[tuple[offload.Worker, crashes.Recorder]]:
+    rec = crashes.Recorder()
     w = offload.spawn(on_failure=rec, stderr="devnull")
     try:
         yield w, rec
@@ -344,7 +332,7 @@ def recorded() -> Iterator[tuple[offload.Worker, Recorder]]:
         w.shutdown(timeout=5)
 
 
-def test_restart_after_crash(recorded: tuple[offload.Worker, Recorder]) -> None:
+def test_restart_after_crash(recorded: tuple[offload.Worker, crashes.Recorder]) -> None:
     w, _ = recorded
     pid = w.pid
     assert pid is not None
@@ -358,7 +346,7 @@ def test_restart_after_crash(recorded: tuple[offload.Worker, Recorder]) -> None:
 
 
 def test_on_failure_once_per_unexpected_death(
-    recorded: tuple[offload.Worker, Recorder], tmp_path: Path
+    recorded: tuple[offload.Worker, crashes.Recorder], tmp_path: Path
 ) -> None:
     w, rec = recorded
     # 1. A crash mid-call.
@@ -397,7 +385,7 @@ def test_on_failure_once_per_unexpected_death(
 
 
 def test_on_failure_not_called_for_deliberate_ends(
-    recorded: tuple[offload.Worker, Recorder],
+    recorded: tuple[offload.Worker, crashes.Recorder],
 ) -> None:
     w, rec = recorded
     # fut.kill()

@@ -287,6 +287,9 @@ def test_spawn_validates(kwargs: dict[str, Any], error: type[Exception], option:
     _named(info.value, option)
 
 
+SSH_HOST = offload.SSH("h")
+
+
 @pytest.mark.usefixtures("no_engine")
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "option"),
@@ -310,7 +313,10 @@ def test_spawn_validates(kwargs: dict[str, Any], error: type[Exception], option:
         ((1,), {"tls": offload.TLS(cert=5)}, TypeError, "tls.cert"),  # type: ignore[arg-type]
         ((1,), {"tls": offload.TLS(key="k.pem")}, ValueError, "tls"),
         ((1,), {"where": "gpu1:1111"}, ValueError, "hosts"),
-        ((1,), {"workers_per_host": 8}, TypeError, "workers_per_host"),
+        # workers_per_host is for hosts started over ssh (offload.SSH), checked as an int.
+        ((1,), {"workers_per_host": 8}, ValueError, "workers_per_host"),
+        ((1,), {"hosts": [SSH_HOST], "workers_per_host": "8"}, TypeError, "workers_per_host"),
+        ((1,), {"hosts": [SSH_HOST], "workers_per_host": 0}, ValueError, "workers_per_host"),
     ],
 )
 def test_pool_validates(

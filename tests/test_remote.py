@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 import pytest
 
+import crashes
 import offload
 import remote_tasks as rt
 from offload.protocol import PROTOCOL_VERSION, PYTHON_VERSION, Hello
@@ -55,13 +56,7 @@ OFFLOAD_ENV_ALL = (*OFFLOAD_ENV, "OFFLOAD_TOKEN_FILE", "OFFLOAD_START_METHOD")
 
 
 def wait_until(predicate: Callable[[], bool], limit: float = WAIT) -> bool:
-    """Poll ``predicate`` until it holds or ``limit`` seconds pass; its last value."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.01)
-    return True
+    return crashes.wait_until(predicate, limit)
 
 
 def read_pid(path: Path, limit: float = WAIT) -> int:

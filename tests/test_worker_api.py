@@ -1,6 +1,7 @@
 """End-to-end tests of the public worker API (SPEC sections 1-5) with real processes.
 
-Every worker is started through the ``spawn`` fixture, which shuts it down in teardown.
+Every worker is started through the ``spawn`` fixture (conftest), which shuts it down in
+teardown.
 Tests that need a parent process of their own (``__main__`` functions, stdout
 pass-through, ``start_method="reexec"``) write a small script to ``tmp_path`` and run
 it with :mod:`subprocess`, bounded by a timeout. Tasks and the test synchronise through
@@ -21,13 +22,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+import crashes
 import helpers_api as h
 import offload
 from offload.tasks import lookup
@@ -42,13 +44,7 @@ WAIT = 15.0  # seconds the test waits for something a worker does
 
 
 def wait_until(predicate: Callable[[], bool], limit: float = WAIT) -> bool:
-    """Poll ``predicate`` until it holds or ``limit`` seconds pass; return its last value."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.01)
-    return True
+    return crashes.wait_until(predicate, limit)
 
 
 def wait_path(path: Path, limit: float = WAIT) -> bool:
@@ -82,21 +78,6 @@ def run_script(
         cwd=tmp_path,
         check=False,
     )
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., offload.Worker]]:
-    """``offload.spawn`` whose workers are all shut down at teardown."""
-    workers: list[offload.Worker] = []
-
-    def make(**options: Any) -> offload.Worker:
-        worker = offload.spawn(**options)
-        workers.append(worker)
-        return worker
-
-    yield make
-    for worker in workers:
-        worker.shutdown(wait=True, timeout=5)
 
 
 class Recorder:

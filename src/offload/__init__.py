@@ -20,6 +20,8 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs a work
 if TYPE_CHECKING:
     from typing import Any
 
+    from offload.actor import Actor as Actor
+    from offload.actor import ActorHandle as ActorHandle
     from offload.client.future import (
         Cancelled as Cancelled,
     )
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from offload.client.future import (
         Working as Working,
     )
+    from offload.client.future import (
+        as_completed as as_completed,
+    )
     from offload.client.pool import Pool as Pool
     from offload.client.pool import PoolStats as PoolStats
     from offload.client.worker import Worker as Worker
@@ -52,6 +57,9 @@ if TYPE_CHECKING:
     )
     from offload.errors import (
         ExecutionError as ExecutionError,
+    )
+    from offload.errors import (
+        LockTimeout as LockTimeout,
     )
     from offload.errors import (
         NoWorkerAvailable as NoWorkerAvailable,
@@ -86,19 +94,24 @@ if TYPE_CHECKING:
     from offload.errors import (
         WorkerKilled as WorkerKilled,
     )
+    from offload.lock import Lock as Lock
     from offload.program import init as init
     from offload.tasks import Task as Task
     from offload.tasks import task as task
     from offload.transport.net import TLS as TLS
+    from offload.transport.ssh import SSH as SSH
     from offload.worker.execution import report as report
 
 _EXPORTS = {
+    "Actor": "offload.actor",
+    "ActorHandle": "offload.actor",
     "Future": "offload.client.future",
     "Working": "offload.client.future",
     "Success": "offload.client.future",
     "Raised": "offload.client.future",
     "Failed": "offload.client.future",
     "Cancelled": "offload.client.future",
+    "as_completed": "offload.client.future",
     "Worker": "offload.client.worker",
     "Pool": "offload.client.pool",
     "PoolStats": "offload.client.pool",
@@ -106,7 +119,9 @@ _EXPORTS = {
     "delegate": "offload.client.worker",
     "connect": "offload.client.worker",
     "TLS": "offload.transport.net",
+    "SSH": "offload.transport.ssh",
     "init": "offload.program",
+    "Lock": "offload.lock",
     "Task": "offload.tasks",
     "task": "offload.tasks",
     "report": "offload.worker.execution",
@@ -116,6 +131,7 @@ _EXPORTS = {
             "AuthenticationError",
             "ConnectionLost",
             "ExecutionError",
+            "LockTimeout",
             "NoWorkerAvailable",
             "OffloadError",
             "ProtocolError",
@@ -132,13 +148,18 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "SSH",
     "TLS",
+    "Actor",
+    "ActorHandle",
     "AuthenticationError",
     "Cancelled",
     "ConnectionLost",
     "ExecutionError",
     "Failed",
     "Future",
+    "Lock",
+    "LockTimeout",
     "NoWorkerAvailable",
     "OffloadError",
     "Pool",
@@ -158,6 +179,7 @@ __all__ = [
     "WorkerKilled",
     "Working",
     "__version__",
+    "as_completed",
     "connect",
     "delegate",
     "init",

@@ -14,7 +14,8 @@
     ├── StartError                   a worker could not start
     ├── ProtocolError                the peer broke the wire protocol
     │   └── VersionMismatch          the two sides run different offload/protocol/Python versions
-    └── AuthenticationError          wrong or missing token, TLS failure
+    ├── AuthenticationError          wrong or missing token, TLS failure
+    └── LockTimeout                  also a builtin TimeoutError; offload.Lock not acquired in time
 
 A task's *own* exception is never wrapped: ``Future.result()`` re-raises it as itself, with
 ``__cause__`` set to a :class:`RemoteTraceback` carrying the worker-side traceback text.
@@ -36,6 +37,7 @@ __all__ = [
     "AuthenticationError",
     "ConnectionLost",
     "ExecutionError",
+    "LockTimeout",
     "NoWorkerAvailable",
     "OffloadError",
     "ProtocolError",
@@ -295,6 +297,35 @@ class VersionMismatch(ProtocolError):
 
 class AuthenticationError(OffloadError):
     """The peer did not prove the shared token, or TLS failed."""
+
+
+class LockTimeout(OffloadError, TimeoutError):
+    """An :class:`offload.Lock` was not acquired within its ``timeout`` (raised by
+    ``with lock:``; ``lock.acquire(timeout=...)`` returns False instead).
+
+    Attributes:
+        name: the lock's name.
+        timeout: how long it waited, in seconds.
+        holder_pid: the pid of the process that held it, when known (it writes its pid
+            into the lock file; the pid is of the holder's PID namespace).
+        path: the lock file.
+    """
+
+    name: str
+    timeout: float
+    holder_pid: int | None
+    path: str
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        name: str = "",
+        timeout: float = 0.0,
+        holder_pid: int | None = None,
+        path: str = "",
+    ) -> None:
+        super().__init__(message, name=name, timeout=timeout, holder_pid=holder_pid, path=path)
 
 
 class RemoteTraceback(Exception):

@@ -72,8 +72,13 @@ def init(
     Args:
         argv: the argument list to take offload's options from (default ``sys.argv``,
             edited in place).
-        host, port, server, token_file: as the command-line options; these keywords win
-            over the command line, which wins over the environment.
+        host: as ``--offload-host``: send :func:`offload.delegate` calls to the worker
+            server on this host. These keywords win over the command line, which wins
+            over the environment.
+        port: as ``--offload-port`` (default 1111).
+        server: as ``--offload-server``: become a worker server for this program's
+            tasks; ``init`` then never returns.
+        token_file: as ``--offload-token-file``: the file holding the shared token.
         **delegate_options: default worker options for :func:`offload.delegate` (e.g.
             ``start_method="reexec"``; ``OFFLOAD_START_METHOD`` when not given).
 

@@ -16,6 +16,7 @@ slots report through the :class:`~offload.client.slot.SlotHost` protocol.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -125,6 +126,7 @@ class Engine:
         self._claimed: WorkerSlot | None = None  # whose answers that submitter reads
         self._unflushed: list[WorkerSlot] = []  # calls queued on them, not yet written
         self._last_start_error: dict[int, BaseException] = {}
+        self._signalled: dict[int, str] = {}  # pid -> the signal pool.kill() sent it
         self._drain_waiters = 0  # threads in wait_calls (lock held to change)
         self.budget = QueueBudget(self.lock)  # pickled arguments waiting in the queue
         # The process that made this engine: its workers, sockets and threads exist
@@ -565,8 +567,18 @@ class Engine:
                 )
             self._resolve(deferred)
 
+    def note_signalled(self, pid: int, signal_name: str) -> None:
+        """``pid`` (a worker of this engine) was sent ``signal_name`` on the user's
+        request (``Pool.kill``): should it die of it, its error says so rather than
+        guess at a cause."""
+        with self.lock:
+            self._signalled[pid] = signal_name
+
     def process_exited(self, proc: WorkerSlot, info: ExitInfo) -> None:
         with self.lock:
+            sent = self._signalled.pop(info.pid, None) if info.pid is not None else None
+            if sent is not None and sent == info.signal and not info.detail:
+                info = dataclasses.replace(info, detail=f"pool.kill() sent it {sent}")
             self.procs.pop((proc.slot, proc.gen), None)
             if self.current.get(proc.slot) is proc:
                 del self.current[proc.slot]

@@ -12,13 +12,12 @@ Status values are frozen dataclasses for use with ``match``::
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import logging
 import sys
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -64,6 +63,47 @@ class Cancelled:
 
 
 Status = Working | Success[Any] | Raised | Failed | Cancelled
+
+# Waiting for a future that is not done in time raises the builtin TimeoutError on every
+# Python version, as the docstrings promise. From 3.11 on, concurrent.futures raises it
+# itself; before, its TimeoutError is a class of its own that an ``except TimeoutError``
+# misses, so there a wait that timed out raises WaitTimeout, which is both.
+_TIMEOUT_IS_BUILTIN = sys.version_info >= (3, 11)
+if sys.version_info >= (3, 11):
+    WaitTimeout = TimeoutError
+else:
+
+    class WaitTimeout(concurrent.futures.TimeoutError, TimeoutError):
+        """Python 3.10: a wait for a future timed out. Both the builtin ``TimeoutError``
+        and ``concurrent.futures.TimeoutError`` catch it (they are one class from 3.11)."""
+
+
+def as_completed(
+    fs: Iterable[concurrent.futures.Future[T]], timeout: float | None = None
+) -> Iterator[concurrent.futures.Future[T]]:
+    """``concurrent.futures.as_completed``, raising the builtin ``TimeoutError`` on every
+    Python version.
+
+    From Python 3.11 on this *is* ``concurrent.futures.as_completed``. On 3.10 the
+    standard one raises ``concurrent.futures.TimeoutError``, which ``except
+    TimeoutError`` does not catch; this one raises an error both catch.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed before every future was done (the
+            calls go on).
+    """
+    if _TIMEOUT_IS_BUILTIN:
+        return concurrent.futures.as_completed(fs, timeout)
+    return _as_completed_builtin_timeout(fs, timeout)
+
+
+def _as_completed_builtin_timeout(
+    fs: Iterable[concurrent.futures.Future[T]], timeout: float | None
+) -> Iterator[concurrent.futures.Future[T]]:
+    try:
+        yield from concurrent.futures.as_completed(fs, timeout)
+    except concurrent.futures.TimeoutError as exc:  # as_completed's own: no future's
+        raise WaitTimeout(*exc.args) from None
 
 
 class Reader(Protocol):
@@ -242,20 +282,40 @@ class Future(concurrent.futures.Future[T]):
         """The call's value; raises the task's exception or an offload error.
 
         Raises:
-            TimeoutError: ``timeout`` seconds passed first (the call goes on).
+            TimeoutError: ``timeout`` seconds passed first (the call goes on). The
+                builtin ``TimeoutError`` on every Python version (on 3.10 it is also a
+                ``concurrent.futures.TimeoutError``).
             concurrent.futures.CancelledError: the call was cancelled.
         """
         if _LIGHT_INIT and self._state == _FINISHED and self._exception is None:
             return cast(T, self._result)  # set before the state
         if not self.done():
             self._before_wait(timeout)
-        return super().result(timeout)
+        if _TIMEOUT_IS_BUILTIN:
+            return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            if exc is self._exception:
+                raise  # the task's own exception, re-raised as itself
+            raise WaitTimeout(*exc.args) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The exception the call failed with, or None if it succeeded."""
+        """The exception the call failed with, or None if it succeeded.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (the call goes on); the
+                builtin one on every Python version, as for :meth:`result`.
+            concurrent.futures.CancelledError: the call was cancelled.
+        """
         if not self.done():
             self._before_wait(timeout)
-        return super().exception(timeout)
+        if _TIMEOUT_IS_BUILTIN:
+            return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise WaitTimeout(*exc.args) from None
 
     def _before_wait(self, timeout: float | None) -> None:
         """About to wait for this future: refuse where answers are dispatched (in a
@@ -352,6 +412,10 @@ class Future(concurrent.futures.Future[T]):
     # -- asyncio -------------------------------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, T]:
+        # Imported here: asyncio costs a worker server started over ssh ~20% of its
+        # imports, and only awaiting code needs it (it has imported it already).
+        import asyncio
+
         return asyncio.wrap_future(self).__await__()
 
     # -- resolution (used by the client) -------------------------------------------------

@@ -29,9 +29,10 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from offload.transport.net import TLS, Address, parse_address
+from offload.transport.ssh import SSH
 from offload.worker.settings import WorkerSettings
 
 START_METHODS = ("spawn", "forkserver", "fork", "reexec")
@@ -305,14 +306,14 @@ def _check_start_method(value: object) -> str:
     return method
 
 
-def _check_where(value: object) -> str | None:
-    if value is None:
-        return None
+def _check_where(value: object) -> str | SSH | None:
+    if value is None or isinstance(value, SSH):  # an SSH record checked itself when made
+        return value
     if not isinstance(value, str):
         raise TypeError(
-            f"where must be None (a local worker) or a worker server's address as a str "
-            f"('host:port', '[v6]:port' or 'unix:PATH'; starting workers over ssh is not "
-            f"supported yet), got {_got(value)}"
+            f"where must be None (a local worker), a worker server's address as a str "
+            f"('host:port', '[v6]:port' or 'unix:PATH') or an offload.SSH(...), "
+            f"got {_got(value)}"
         )
     check_address("where", value)
     return value
@@ -324,6 +325,16 @@ class WorkerOptions:
 
     Validated (and normalised: PathLike to str, lists to tuples, ``env`` copied) when
     made; see the module documentation for the rules.
+
+    ``start_method``: ``"spawn"`` (a fresh interpreter), ``"forkserver"`` (forked from a
+    preloaded, single-threaded template), ``"fork"`` (forks the caller) or ``"reexec"``
+    (re-runs the program, which calls :func:`offload.init` first). ``"fork"`` forks
+    while offload's I/O thread runs, and any thread of the caller may hold a lock the
+    child then never sees released; on Python 3.12 and later ``os.fork()`` says so with
+    ``DeprecationWarning: This process (pid=N) is multi-threaded, use of fork() may
+    lead to deadlocks in the child`` (hidden by Python's default filters outside
+    ``__main__``; dropped silently where warnings are errors). Prefer ``"forkserver"``
+    for the same fast starts without forking threads.
 
     Raises:
         TypeError: an option of the wrong type (the message names it and what it accepts).
@@ -350,6 +361,9 @@ class WorkerOptions:
     on_failure: Callable[[BaseException], Any] | None = None
     shutdown_on: str = "parent_exit"
     where: Any = None
+    # Whether the worker can be reached by address after its creator is gone (actors:
+    # see ActorOptions), which shutdown_on="explicit" needs.
+    reachable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         def put(option: str, value: object) -> None:
@@ -399,11 +413,12 @@ class WorkerOptions:
         )
         check_callable("on_failure", self.on_failure)
         shutdown_on = check_choice("shutdown_on", self.shutdown_on, SHUTDOWN_ON)
-        if shutdown_on == "explicit":
+        if shutdown_on == "explicit" and not self.reachable:
             raise ValueError(
-                "shutdown_on='explicit' needs a worker that others can reach by address "
-                "after its creator is gone (served actor handles, SPEC section 8), which "
-                "this release does not have; use 'parent_exit' or 'heartbeat_timeout'"
+                "shutdown_on='explicit' is for actors: a worker that outlives its creator "
+                "must be reachable by address, which an actor is (SPEC section 8); write "
+                "MyActor.options(shutdown_on='explicit', handle_file=...).spawn(...), or "
+                "use 'parent_exit' or 'heartbeat_timeout'"
             )
         if shutdown_on == "heartbeat_timeout" and self.heartbeat is None:
             raise ValueError("shutdown_on='heartbeat_timeout' needs heartbeat=(interval, timeout)")
@@ -414,6 +429,71 @@ class WorkerOptions:
         return replace(self, name=name or next_worker_name())
 
 
+@dataclass(frozen=True)
+class ActorOptions(WorkerOptions):
+    """The options of an actor (SPEC section 8): the worker options, plus where it
+    listens for the other holders of its handle and where its handle is written.
+
+    An actor's state lives in its one process, so the options that replace a worker's
+    process on purpose (``max_tasks``, ``memory_limit``) are refused, and so is a worker
+    server as ``where``: its calls run in processes of the server's choosing.
+    ``shutdown_on="explicit"`` is allowed: an actor is reachable by address. An
+    ``offload.SSH`` as ``where`` runs the actor on that machine, for as long as its ssh
+    connection lasts: ``shutdown_on="explicit"`` and ``listen`` are refused with it.
+
+    Raises:
+        TypeError: an option of the wrong type.
+        ValueError: an option with a bad value, or one that an actor cannot have.
+    """
+
+    listen: str = "127.0.0.1:0"
+    handle_file: str | None = None
+    reachable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        state_lost = "an actor's state lives in its one process, which is never replaced"
+        if self.max_tasks is not None:
+            raise ValueError(f"max_tasks does not apply to an actor: {state_lost}")
+        if self.memory_limit is not None:
+            raise ValueError(f"memory_limit does not apply to an actor: {state_lost}")
+        if isinstance(self.where, str):
+            raise ValueError(
+                f"an actor cannot run on the worker server {self.where!r} (a server runs "
+                "each call in a process of its choosing); start it locally (where=None)"
+            )
+        if isinstance(self.where, SSH):
+            if self.shutdown_on == "explicit":
+                raise ValueError(
+                    "shutdown_on='explicit' cannot apply to an actor over ssh: its process "
+                    "ends with the ssh connection that started it (the remote side is "
+                    "killed when that connection closes, so nothing is left behind), and "
+                    "that connection ends with its creator. For an actor that outlives "
+                    "its creator there, run a program on that machine that calls "
+                    "MyActor.serve(listen=...) or spawns it with shutdown_on='explicit'"
+                )
+            if self.listen != "127.0.0.1:0":
+                raise ValueError(
+                    f"listen={self.listen!r} does not apply to an actor over ssh: it "
+                    "listens on a Unix socket that ssh forwards to this machine (its "
+                    "address), so its handle works for processes on this machine"
+                )
+        check_address("listen", self.listen)
+        object.__setattr__(
+            self, "handle_file", check_path("handle_file", self.handle_file, none=True)
+        )
+
+
+def make_actor_options(**kwargs: Any) -> ActorOptions:
+    """Build :class:`ActorOptions` from keyword arguments.
+
+    Raises:
+        TypeError: an unknown option, or an option of the wrong type.
+        ValueError: an option with a bad value, or one an actor cannot have.
+    """
+    return _build(ActorOptions, "actor", kwargs)
+
+
 def make_options(**kwargs: Any) -> WorkerOptions:
     """Build :class:`WorkerOptions` from keyword arguments.
 
@@ -421,43 +501,69 @@ def make_options(**kwargs: Any) -> WorkerOptions:
         TypeError: an unknown option, or an option of the wrong type.
         ValueError: an option with a bad value.
     """
-    unknown = set(kwargs) - set(WorkerOptions.__dataclass_fields__)
+    return _build(WorkerOptions, "worker", kwargs)
+
+
+_Options = TypeVar("_Options", bound=WorkerOptions)
+
+
+def _build(cls: type[_Options], kind: str, kwargs: Mapping[str, Any]) -> _Options:
+    """``cls(**kwargs)``, with a TypeError that names the ``kind`` of option (``"worker"``,
+    ``"actor"``) and lists them all for a name that is not one of them."""
+    unknown = set(kwargs) - set(cls.__dataclass_fields__)
     if unknown:
         raise TypeError(
-            f"unknown worker option(s): {', '.join(sorted(unknown))} (the options are: "
-            f"{', '.join(WorkerOptions.__dataclass_fields__)})"
+            f"unknown {kind} option(s): {', '.join(sorted(unknown))} (the options are: "
+            f"{', '.join(cls.__dataclass_fields__)})"
         )
-    return WorkerOptions(**kwargs)
+    return cls(**kwargs)
 
 
 # -- the constructors' own arguments -------------------------------------------------------
 
 
 def check_pool_args(
-    workers: object, hosts: object, token: object, tls: object, where: object = None
-) -> tuple[int, list[str]]:
-    """Validate ``Pool(workers, hosts=..., token=..., tls=...)``; return (local workers,
-    host addresses). ``workers=None`` is the CPU count, or 0 when hosts are given.
-    ``where`` (the pool's ``where=`` worker option) must be None: a pool's servers are
-    its ``hosts``.
+    workers: object,
+    hosts: object,
+    token: object,
+    tls: object,
+    where: object = None,
+    *,
+    workers_per_host: object = None,
+) -> tuple[int, list[str | SSH]]:
+    """Validate ``Pool(workers, hosts=..., token=..., tls=..., workers_per_host=...)``;
+    return (local workers, hosts: addresses and SSH records). ``workers=None`` is the
+    CPU count, or 0 when hosts are given. ``where`` (the pool's ``where=`` worker
+    option) must be None: a pool's servers are its ``hosts``.
 
     Raises:
         TypeError, ValueError: as for the worker options.
     """
     if hosts is None:
-        host_list: list[str] = []
+        host_list: list[str | SSH] = []
     else:
-        accepts = "an iterable of worker server addresses ('host:port' str) or None"
+        accepts = (
+            "an iterable of worker server addresses ('host:port' str) and offload.SSH(...) "
+            "records, or None"
+        )
         if isinstance(hosts, (str, bytes, Mapping)) or not isinstance(hosts, Iterable):
             raise TypeError(f"hosts must be {accepts}, got {_got(hosts)}")
         host_list = list(hosts)
         for i, host in enumerate(host_list):
+            if isinstance(host, SSH):
+                continue
             if not isinstance(host, str):
                 raise TypeError(
-                    f"hosts[{i}] must be a worker server address ('host:port' str; starting "
-                    f"workers over ssh is not supported yet), got {_got(host)}"
+                    f"hosts[{i}] must be a worker server address ('host:port' str) or an "
+                    f"offload.SSH(...), got {_got(host)}"
                 )
             check_address(f"hosts[{i}]", host)
+    check_int("workers_per_host", workers_per_host, minimum=1, none=True)
+    if workers_per_host is not None and not any(isinstance(h, SSH) for h in host_list):
+        raise ValueError(
+            "workers_per_host applies to hosts started over ssh (offload.SSH(...)); a "
+            "worker server given by address runs as many workers as it was started with"
+        )
     count = check_int("workers", workers, minimum=0, none=True)
     if count is None:
         count = 0 if host_list else (os.cpu_count() or 1)

@@ -66,19 +66,32 @@ def crashed(info: ExitInfo, call: str) -> WorkerCrashed:
     on the worker ``info`` describes, in one sentence."""
     if info.remote:
         what = info.detail or "lost its connection"
+        # A server started over ssh has the ssh client's last words (and the server's).
         return ConnectionLost(
-            f"worker server {info.name} (pid {info.pid}) {what} while running {call}",
+            f"worker server {info.name} (pid {info.pid}) {what} while running {call}"
+            + _stderr_clause(info.stderr_tail),
             pid=info.pid,
             reason=info.reason,  # type: ignore[arg-type]
+            stderr_tail=info.stderr_tail,
             worker=info.name,
         )
+    return _ended(
+        info, f"worker {info.name} (pid {info.pid}) {_how_ended(info)} while running {call}"
+    )
+
+
+def _how_ended(info: ExitInfo) -> str:
+    """How a local worker ended, as a verb phrase ("was killed by SIGKILL")."""
     if info.reason == "signal":
-        how = f"was killed by {info.signal}"
-    elif info.reason == "exit":
-        how = f"exited with status {info.exitcode}"
-    else:
-        how = info.detail or f"failed ({info.reason})"
-    message = f"worker {info.name} (pid {info.pid}) {how} while running {call}"
+        return f"was killed by {info.signal}"
+    if info.reason == "exit":
+        return f"exited with status {info.exitcode}"
+    return info.detail or f"failed ({info.reason})"
+
+
+def _ended(info: ExitInfo, message: str) -> WorkerCrashed:
+    """The WorkerCrashed of a local worker that ended: ``message``, then the likely
+    cause (of a signal or an exit status) and what the worker wrote to stderr."""
     if info.reason in ("signal", "exit"):
         hint = info.detail or likely_cause(info.signal, info.exitcode)
         if hint:
@@ -92,6 +105,45 @@ def crashed(info: ExitInfo, call: str) -> WorkerCrashed:
         reason=info.reason,  # type: ignore[arg-type]
         stderr_tail=info.stderr_tail,
         worker=info.name,
+    )
+
+
+def actor_gone(info: ExitInfo, *, killed: bool) -> OffloadError:
+    """What a call to an actor fails with once the actor's one worker has ended (it is
+    never restarted: its state would be silently lost). ``killed``: this handle killed
+    or shut it down."""
+    lost = "its state is gone with it, and an actor is never restarted"
+    if killed:
+        return WorkerKilled(
+            f"actor {info.name} (pid {info.pid}) was killed or shut down through this "
+            f"handle; {lost}",
+            pid=info.pid,
+            worker=info.name,
+        )
+    if info.remote:
+        what = info.detail or "lost its connection"
+        return ConnectionLost(
+            f"actor {info.name} (pid {info.pid}) {what}; this handle does not reconnect "
+            "(the actor may be gone, and its state with it)",
+            pid=info.pid,
+            reason=info.reason,  # type: ignore[arg-type]
+            worker=info.name,
+        )
+    return _ended(info, f"actor {info.name} (pid {info.pid}) {_how_ended(info)}; {lost}")
+
+
+def not_a_method(cls_name: str, name: str, kind: str | None) -> str:
+    """Why ``handle.<name>`` is refused (an AttributeError at the call site): the
+    actor's class has no public method of that name."""
+    if kind is None:
+        what = "nothing of that name" if not name.startswith("_") else "a private name"
+        return (
+            f"{cls_name!r} actor handle has no method {name!r}: the class {cls_name} has "
+            f"{what}; a handle exposes the class's public methods"
+        )
+    return (
+        f"{cls_name!r} actor handle has no method {name!r}: {cls_name}.{name} is a {kind}, "
+        "and a handle only calls methods (read state through a method that returns it)"
     )
 
 

@@ -14,6 +14,8 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import logging
+import signal as signals
 import sys
 import threading
 import time
@@ -27,14 +29,19 @@ from typing import Any, ParamSpec, TypeVar
 from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.options import check_pool_args, make_options, next_worker_name
-from offload.client.remote import RemoteTarget
-from offload.client.worker import Submitter, call_settings, slot_factory
+from offload.client.slot import WorkerSlot
+from offload.client.worker import Submitter, call_settings, remote_target, slot_factory
 from offload.errors import RemoteError, RemoteTraceback
+from offload.process.child import signal_if_ours
 from offload.transport.net import TLS
-from offload.worker.batch import run_chunk
+from offload.transport.ssh import SSH
+from offload.worker.batch import fold_chunk, run_chunk
 
 P = ParamSpec("P")
 T = TypeVar("T")
+V = TypeVar("V")
+
+log = logging.getLogger("offload")
 
 _pool_ids = itertools.count(1)
 # A chunk should take about this long: long enough that its round trip is noise, short
@@ -45,6 +52,8 @@ _MAX_CHUNK = 16384
 _MAX_LEARNED = 256
 # At most this many items are read ahead of the results (bounded memory on huge inputs).
 _MAX_INFLIGHT_ITEMS = 4 * _MAX_CHUNK
+# How long kill(SIGKILL) waits to see its workers' exits.
+_KILL_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +77,17 @@ class Pool(Submitter, concurrent.futures.Executor):
     Args:
         workers: number of local worker processes (default: the CPU count, or none when
             ``hosts`` are given).
-        hosts: addresses of worker servers (``offload serve``); each contributes as many
-            slots as it announces. A lost host's calls fail with
-            :class:`~offload.ConnectionLost` (or are retried elsewhere, per ``retries``);
-            the pool reconnects when the host returns.
-        token: the servers' token (default: ``OFFLOAD_TOKEN`` / ``OFFLOAD_TOKEN_FILE``).
-        tls: TLS settings for the servers.
+        hosts: worker servers: addresses of running ones (``offload serve``), and
+            :class:`offload.SSH` records of machines where the pool starts one over ssh
+            (torn down with the pool). Each contributes as many slots as it announces.
+            A lost host's calls fail with :class:`~offload.ConnectionLost` (or are
+            retried elsewhere, per ``retries``); the pool reconnects when the host
+            returns (over ssh: it starts the server again).
+        token: the servers' token (default: ``OFFLOAD_TOKEN`` / ``OFFLOAD_TOKEN_FILE``);
+            not needed for SSH hosts, whose token is made for each start.
+        tls: TLS settings for the servers given by address.
+        workers_per_host: worker processes of each server started over ssh (default:
+            that machine's CPU count).
         **options: worker options, as for :func:`offload.spawn` (``name`` names the pool;
             its workers are ``name-1``, ``name-2``, ...).
 
@@ -91,14 +105,17 @@ class Pool(Submitter, concurrent.futures.Executor):
         self,
         workers: int | None = None,
         *,
-        hosts: Iterable[str] | None = None,
+        hosts: Iterable[str | SSH] | None = None,
         token: bytes | str | None = None,
         tls: TLS | None = None,
+        workers_per_host: int | None = None,
         **options: Any,
     ) -> None:
-        workers, host_list = check_pool_args(workers, hosts, token, tls, options.get("where"))
+        workers, host_list = check_pool_args(
+            workers, hosts, token, tls, options.get("where"), workers_per_host=workers_per_host
+        )
         opts = make_options(**options)
-        targets = [RemoteTarget.parse(h, token, tls, opts.heartbeat) for h in host_list]
+        targets = [remote_target(opts, h, token, tls, workers=workers_per_host) for h in host_list]
         self.name = opts.name or f"offload-pool-{next(_pool_ids)}"
         self._workers = workers + len(host_list)
         names = [
@@ -147,7 +164,10 @@ class Pool(Submitter, concurrent.futures.Executor):
             progress: show a tqdm progress bar on a terminal.
 
         Raises:
-            the first failed item's exception, when iteration reaches it.
+            Exception: the first failed item's exception (the task's own, or an
+                :class:`~offload.ExecutionError`), when iteration reaches it; the map
+                ends there.
+            TimeoutError: ``timeout`` passed before the next result was ready.
         """
         items: Iterator[Any] | list[Any] | tuple[Any, ...]
         if len(iterables) == 1:  # items travel bare, not as 1-tuples
@@ -186,10 +206,100 @@ class Pool(Submitter, concurrent.futures.Executor):
             star=False,
         )
 
+    def map_reduce(
+        self,
+        map_fn: Callable[[T], V],
+        reduce_fn: Callable[[V, V], V],
+        iterable: Iterable[T],
+        initial: V,
+        *,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+    ) -> V:
+        """``reduce(reduce_fn, map(map_fn, iterable), initial)``, folded in the workers.
+
+        Each call folds a contiguous chunk of the input into one partial result,
+        ``reduce_fn(...reduce_fn(map_fn(x1), map_fn(x2))..., map_fn(xn))``, so only the
+        partial crosses back; this process then folds ``initial`` with the partials,
+        in input order: ``reduce_fn(...reduce_fn(initial, p1)..., pk)``. So
+        ``reduce_fn`` must be associative (``(a + b) + c == a + (b + c)``);
+        commutativity is not needed. ``initial`` is used exactly once, here: it need not
+        be an identity element (``map_reduce(f, add, xs, 10)`` adds 10 once).
+
+        * A sized input (a list, tuple, range, set, ...) is split into one chunk per
+          worker slot (``workers x concurrency``, plus each host's slots), of equal
+          lengths within one item: one call, and one partial result, per slot.
+        * An unsized input (a generator) is read lazily, with bounded memory, in chunks
+          sized as :meth:`map` sizes them (or ``chunksize`` items): then one partial per
+          chunk crosses back.
+
+        Args:
+            map_fn: applied to each item in a worker (a lambda or a ``__main__``
+                function travels by value); an :func:`offload.task` keeps its
+                ``timeout`` (per item, so a chunk's call gets ``timeout x`` its length)
+                and ``retries``.
+            reduce_fn: combines two mapped values (and partial results) into one.
+            iterable: the items.
+            initial: the start of the fold in this process; the result of an empty
+                input.
+            chunksize: items per call, instead of the sizes above.
+            timeout: seconds from this call; not done by then raises ``TimeoutError``
+                (the calls not started yet are cancelled, running ones go on).
+
+        Returns:
+            The folded value.
+
+        Raises:
+            Exception: what ``map_fn`` or ``reduce_fn`` raised (as itself, with the
+                worker-side traceback as ``__cause__``), or the
+                :class:`~offload.ExecutionError` a call failed with (its worker
+                crashed, ...); the calls not started yet are cancelled.
+            TimeoutError: ``timeout`` passed.
+            TypeError: ``map_fn`` or ``reduce_fn`` is not callable (a task name
+                cannot be folded).
+            ValueError: ``chunksize`` < 1.
+            RuntimeError: after shutdown, or in a process forked from the one that made
+                the pool.
+        """
+        if not callable(map_fn) or not callable(reduce_fn):
+            raise TypeError("map_reduce() needs callables for map_fn and reduce_fn")
+        self._engine.check_owner()
+        # A list, tuple or range is sliced into chunks (a range's slices are ranges).
+        items: Iterator[Any] | Sequence[Any] = (
+            iterable if isinstance(iterable, (list, tuple, range)) else iter(iterable)
+        )
+        total = _length((iterable,))
+        plan: Iterator[int] | None = None
+        if total is not None and chunksize is None:
+            # One chunk per slot, of lengths within one item of each other.
+            with self._engine.lock:
+                slots = sum(slot.capacity for slot in self._engine.scheduler.slots)
+            count = max(1, min(slots, total))
+            plan = (total // count + (i < total % count) for i in range(count))
+        results = self._map(
+            map_fn,
+            items,
+            timeout,
+            chunksize,
+            False,
+            ordered=True,
+            total=total,
+            star=False,
+            reduce_fn=reduce_fn,
+            plan=plan,
+        )
+        acc = initial
+        try:
+            for partial in results:
+                acc = reduce_fn(acc, partial)
+        finally:
+            results.close()  # on an error here: the chunks not started never run
+        return acc
+
     def _map(
         self,
         fn: Callable[..., T],
-        items: Iterator[Any] | list[Any] | tuple[Any, ...],
+        items: Iterator[Any] | Sequence[Any],
         timeout: float | None,
         chunksize: int | None,
         progress: bool,
@@ -197,7 +307,9 @@ class Pool(Submitter, concurrent.futures.Executor):
         ordered: bool,
         total: int | None,
         star: bool,
-    ) -> Iterator[T]:
+        reduce_fn: Callable[[Any, Any], Any] | None = None,
+        plan: Iterator[int] | None = None,
+    ) -> MapIterator[T]:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         if self._engine.scheduler.closed:
@@ -216,6 +328,8 @@ class Pool(Submitter, concurrent.futures.Executor):
             bar=bar,
             total=total,
             star=star,
+            reduce_fn=reduce_fn,
+            plan=plan,
         )
         return MapIterator(run.chunks())
 
@@ -253,6 +367,70 @@ class Pool(Submitter, concurrent.futures.Executor):
         with self._engine.lock:
             procs = list(self._engine.current.values())
         return [pid for pid in (proc.local_pid for proc in procs) if pid is not None]
+
+    def kill(self, signal: int = signals.SIGTERM) -> list[int]:
+        """Send ``signal`` to every local worker process (Procrastinate's
+        ``kill_processes``); return the pids it was sent to.
+
+        A worker that dies of it is replaced, as after any crash: its running calls
+        fail with :class:`~offload.WorkerCrashed` naming the signal (``.signal ==
+        "SIGTERM"``, ``.reason == "signal"``, and a message saying that pool.kill()
+        sent it) or are retried per their ``retries``, and ``on_failure`` fires: to the
+        pool it is a death it did not cause (unlike :meth:`shutdown` with ``kill=True``
+        or ``Worker.kill()``, whose calls fail with WorkerKilled). A worker that
+        survives it (a handler installed by the initializer or a task, for
+        ``SIGUSR1`` say) keeps running, with its calls.
+
+        With ``SIGKILL`` (certain death), it returns once the pool has seen those
+        workers die, so calls submitted afterwards go to their replacements. With a
+        signal a worker may survive, it returns once the signal is sent: a call
+        submitted at once may still be sent to a worker that is dying of it (and fail
+        with WorkerCrashed, or be retried per its ``retries``).
+
+        Only the worker process itself gets the signal, not the task's subprocesses
+        (when the worker dies, those are killed with its process group as usual).
+        Workers still starting or already stopping are skipped: a starting worker has
+        not run its initializer, which may be what installs the handler. Workers on
+        remote hosts (``offload serve``) are not signalled: the protocol has no message
+        for it, so only local workers get it.
+
+        Args:
+            signal: the signal number (``signal.SIGUSR1``, ...); default SIGTERM.
+
+        Raises:
+            ValueError: ``signal`` is not a valid signal number.
+            RuntimeError: in a process forked from the one that made the pool.
+        """
+        sig = signals.Signals(signal)  # ValueError for a number that is no signal
+        engine = self._engine
+        engine.check_owner()
+        with engine.lock:
+            procs = [p for p in engine.current.values() if p.ready and not p.expected_exit]
+        sent: list[int] = []
+        signalled: list[WorkerSlot] = []
+        for proc in procs:
+            pid = proc.local_pid
+            # The pid names this worker while local_pid gives it: a pid is not reused
+            # before its process is reaped, and a reaped worker's local_pid is None.
+            if pid is None:
+                continue
+            engine.note_signalled(pid, sig.name)  # before: it may die at once
+            if signal_if_ours(pid, sig, _still_pid(proc, pid)):
+                sent.append(pid)
+                signalled.append(proc)
+        # (Not on the I/O loop's thread, e.g. from a done-callback: that thread is the
+        # one that reports the exits.)
+        if sig == signals.SIGKILL and signalled and not engine.loop.in_loop():
+            # Their exits arrive through the I/O loop at once (a pidfd); the bound only
+            # covers a process the kernel is slow to end (stuck in uninterruptible I/O).
+            with engine.exited:
+                seen = engine.exited.wait_for(
+                    lambda: all(engine.current.get(p.slot) is not p for p in signalled),
+                    _KILL_WAIT,
+                )
+            if not seen:
+                log.warning("offload: %r: a SIGKILLed worker was not seen exiting yet", self)
+        return sent
 
     # -- ending ------------------------------------------------------------------------
 
@@ -314,6 +492,11 @@ class Pool(Submitter, concurrent.futures.Executor):
         )
 
 
+def _still_pid(proc: WorkerSlot, pid: int) -> Callable[[], bool]:
+    """Whether ``proc`` still runs as ``pid`` (see :func:`signal_if_ours`)."""
+    return lambda: proc.local_pid == pid
+
+
 def _chunk_key(fn: Any) -> str:
     """The name under which a map remembers ``fn``'s chunk size: ``module.qualname`` of
     a function or builtin defined at a module's top level (also ``__main__``'s); ``""``
@@ -362,13 +545,18 @@ def _progress_bar(total: int | None) -> Any:
 
 
 class _MapRun:
-    """One map/imap_unordered: feeds chunks into the pool and yields results."""
+    """One map/imap_unordered/map_reduce: feeds chunks into the pool and yields results.
+
+    A map_reduce (``reduce_fn`` given) sends each chunk to :func:`fold_chunk`, which
+    answers with a list of one partial result instead of one value per item; ``plan``
+    then gives the length of each chunk in turn (one chunk per slot of a sized input).
+    """
 
     def __init__(
         self,
         pool: Pool,
         fn: Any,
-        items: Iterator[Any] | list[Any] | tuple[Any, ...],
+        items: Iterator[Any] | Sequence[Any],
         *,
         timeout: float | None,
         chunksize: int | None,
@@ -378,17 +566,22 @@ class _MapRun:
         bar: Any,
         total: int | None = None,
         star: bool = True,
+        reduce_fn: Callable[[Any, Any], Any] | None = None,
+        plan: Iterator[int] | None = None,
     ) -> None:
         self.pool = pool
+        self.reduce_fn = reduce_fn
+        self.plan = plan
         self.star = star  # items are argument tuples (several iterables) or single values
         self.fn = fn
-        # A list or tuple is read by slicing (at self.pos), anything else through islice.
-        self.sequence: list[Any] | tuple[Any, ...] | None = None
+        # A list or tuple (or a map_reduce's range) is read by slicing (at self.pos),
+        # anything else through islice.
+        self.sequence: Sequence[Any] | None = None
         self.items: Iterator[Any] = iter(())
-        if isinstance(items, (list, tuple)):
+        if isinstance(items, (list, tuple, range)):
             self.sequence = items
         else:
-            self.items = items
+            self.items = iter(items)
         self.pos = 0
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.fixed = chunksize
@@ -420,24 +613,33 @@ class _MapRun:
         self.finished: deque[tuple[Future[Any], int, float]] = deque()
 
     def _fill(self) -> None:
-        while (
-            not self.exhausted
-            and len(self.inflight) < self.window
-            and (len(self.inflight) < 2 or self.inflight_items < _MAX_INFLIGHT_ITEMS)
+        # A planned split (a sized map_reduce input: one chunk per slot, so a bounded
+        # number) is sent whole: its items are in memory already.
+        while not self.exhausted and (
+            self.plan is not None
+            or (
+                len(self.inflight) < self.window
+                and (len(self.inflight) < 2 or self.inflight_items < _MAX_INFLIGHT_ITEMS)
+            )
         ):
+            size = self.size if self.plan is None else next(self.plan, 0)
             if self.sequence is not None:
-                chunk: Sequence[Any] = self.sequence[self.pos : self.pos + self.size]
+                chunk: Sequence[Any] = self.sequence[self.pos : self.pos + size]
                 self.pos += len(chunk)
             else:
-                chunk = list(itertools.islice(self.items, self.size))
+                chunk = list(itertools.islice(self.items, size))
             if not chunk:
                 self.exhausted = True
                 return
             # Calls carry the task's per-call timeout, scaled by the chunk's length.
             timeout = None if self.call_timeout is None else self.call_timeout * len(chunk)
+            call: Callable[..., Any] = run_chunk
+            args: tuple[Any, ...] = (self.fn, chunk, self.star)
+            if self.reduce_fn is not None:  # the worker folds the chunk into one partial
+                call, args = fold_chunk, (self.fn, self.reduce_fn, chunk)
             fut = self.pool._engine.submit(
-                run_chunk,
-                (self.fn, chunk, self.star),
+                call,
+                args,
                 {},
                 timeout=timeout,
                 retries=self.retries,
@@ -454,7 +656,7 @@ class _MapRun:
             self.done_event.notify()
 
     def _grow(self, started: float, count: int) -> None:
-        if self.fixed is not None:
+        if self.fixed is not None or self.plan is not None:
             return
         took = time.monotonic() - started
         if took < _CHUNK_TARGET and self.size < self.max_size:

@@ -157,12 +157,27 @@ class RemoteSlot(ChannelSlot):
         self.channel = Channel(sock, conn, self.loop, threaded=target.tls is not None)
         self.channel.on_messages = self._on_messages
         self.channel.on_close = self._on_close
-        self.channel.start(initial=leftover)
+        try:
+            self.channel.start(initial=leftover)
+        except (OSError, ValueError):
+            # Aborted on the loop thread meanwhile (the slot was stopped or killed while
+            # connecting, or the ssh under it ended): its close was reported already.
+            if not self.channel.closed:
+                raise
 
     def _start_failed(self, error: OffloadError) -> None:
         self.expected_exit = True
         self._finished = True
-        self.loop.call_soon(self.host.start_failed, self, error)
+        self.loop.call_soon(self._report_start_failure, error)
+
+    # What a connection that ends tells the engine; a slot kind that runs more than a
+    # connection (a worker server started over ssh) overrides them to end the rest first.
+
+    def _report_start_failure(self, error: BaseException) -> None:
+        self.host.start_failed(self, error)
+
+    def _report_exit(self, info: ExitInfo) -> None:
+        self.host.process_exited(self, info)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -222,10 +237,9 @@ class RemoteSlot(ChannelSlot):
             timer.cancel()
         if not self.ready:
             if isinstance(error, OffloadError):
-                self.host.start_failed(self, error)
+                self._report_start_failure(error)
             else:
-                self.host.start_failed(
-                    self,
+                self._report_start_failure(
                     NoWorkerAvailable(
                         f"the worker server {self.target.address} closed the connection "
                         "during the handshake"
@@ -244,7 +258,7 @@ class RemoteSlot(ChannelSlot):
             detail=self._lost_detail,
             remote=True,
         )
-        self.host.process_exited(self, info)
+        self._report_exit(info)
 
     # -- calls ---------------------------------------------------------------------------
 

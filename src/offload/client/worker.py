@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, overload
 
 from offload.client.engine import Engine
@@ -23,26 +23,53 @@ from offload.client.options import (
     check_token,
     make_options,
 )
-from offload.client.remote import RemoteSlot, RemoteTarget
+from offload.client.remote import DEFAULT_HEARTBEAT, RemoteSlot, RemoteTarget
 from offload.client.slot import SlotFactory, SlotHost, WorkerSlot
+from offload.client.ssh import SSHSlot, SSHTarget
 from offload.tasks import Task, registered_task
 from offload.transport.net import TLS
+from offload.transport.ssh import SSH
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def slot_factory(remotes: dict[int, RemoteTarget]) -> SlotFactory:
+def slot_factory(remotes: Mapping[int, RemoteTarget | SSHTarget]) -> SlotFactory:
     """The slot factory of a pool or handle: a connection to the worker server for the
-    slots in ``remotes``, a local process for the others."""
+    slots in ``remotes`` (started over ssh first for an SSHTarget), a local process for
+    the others."""
 
     def make(host: SlotHost, index: int, gen: int, name: str) -> WorkerSlot:
         target = remotes.get(index)
         if target is None:
             return LocalSlot(host, index, gen, name)
+        if isinstance(target, SSHTarget):
+            return SSHSlot(host, index, gen, name, target)
         return RemoteSlot(host, index, gen, name, target)
 
     return make
+
+
+def remote_target(
+    opts: WorkerOptions,
+    where: Any,
+    token: bytes | str | None,
+    tls: TLS | None,
+    *,
+    workers: int | None = None,
+) -> RemoteTarget | SSHTarget:
+    """Where a remote slot goes: a worker server's address (``where`` a str), or one to
+    start over ssh (``where`` an :class:`offload.SSH`, with ``workers`` processes there;
+    its token is made for each start, so ``token`` and ``tls`` do not apply)."""
+    if isinstance(where, SSH):
+        return SSHTarget(
+            where,
+            workers=workers,
+            heartbeat=opts.heartbeat or DEFAULT_HEARTBEAT,
+            preload=tuple(opts.preload),
+            env=opts.env,
+        )
+    return RemoteTarget.parse(where, token, tls, opts.heartbeat)
 
 
 def call_settings(fn: Any) -> tuple[Any, float | None, int]:
@@ -96,11 +123,17 @@ class Submitter:
 class Worker(Submitter):
     """A handle on one worker process (restarted on demand after it dies).
 
-    Use :func:`offload.spawn` to make one. Thread-safe.
+    Use :func:`offload.spawn` to make one. Thread-safe. Picklable: a handle passed to a
+    task elsewhere (or pickled and loaded by another program) connects to this worker's
+    process and calls it there (see :meth:`__reduce__`).
     """
 
     def __init__(
-        self, options: WorkerOptions, *, wait: bool = True, remote: RemoteTarget | None = None
+        self,
+        options: WorkerOptions,
+        *,
+        wait: bool = True,
+        remote: RemoteTarget | SSHTarget | None = None,
     ) -> None:
         self._options = options
         self._remote = remote
@@ -188,6 +221,33 @@ class Worker(Submitter):
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=True)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled, a handle travels: unpickled anywhere, it is a connection to this
+        worker (:func:`connect`), whose calls run in this worker's process.
+
+        A local worker opens its listener (``127.0.0.1``, a free port, a fresh token)
+        the first time its handle is pickled, and pickling waits for the calls sent to
+        it before (ordinary workers pay nothing). From then on ``concurrency`` holds for
+        the calls of every holder together. The listener is its process's: when the
+        worker process is replaced (a crash, ``kill()``, ``max_tasks``, a timeout), the
+        holders of handles pickled before see :class:`~offload.ConnectionLost` for the
+        calls they had running (and :class:`~offload.NoWorkerAvailable` for later ones:
+        nothing listens there any more), and a handle pickled after connects to the new
+        process. A handle of a worker server's
+        worker (``connect``) pickles to a connection to that server.
+
+        Raises:
+            TypeError: a worker started over ssh (its listener would not be reachable).
+            StartError, ExecutionError: the worker could not open its listener.
+        """
+        remote = self._remote
+        if isinstance(remote, RemoteTarget):
+            return (_travelled, (str(remote.address), remote.token, remote.tls, self.name))
+        if remote is not None:
+            raise TypeError(f"the handle of worker {self.name}, started over ssh, cannot travel")
+        address, token = _listener_of(self)
+        return (_travelled, (address, token, None, self.name))
+
     def __repr__(self) -> str:
         counts = self._engine.scheduler.counts()
         state = "alive" if self.alive else "stopped" if self._engine.scheduler.closed else "idle"
@@ -197,19 +257,60 @@ class Worker(Submitter):
         )
 
 
+# The task that opens a worker's listener (offload.server.host.listen_here), called by
+# name: the client side never imports the server side; the worker imports it on demand.
+LISTEN_TASK = "offload.server.host:listen_here"
+_listeners_lock = threading.Lock()
+# worker handle -> (the pid its listener runs in, its address, its token)
+_listeners: weakref.WeakKeyDictionary[Worker, tuple[int | None, str, bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _listener_of(worker: Worker) -> tuple[str, bytes]:
+    """The address and token of the listener of ``worker``'s current process, opened
+    if it has none yet."""
+    import os
+
+    with _listeners_lock:
+        known = _listeners.get(worker)
+        pid = worker.pid
+        if known is not None and known[0] == pid and pid is not None:
+            return known[1], known[2]
+        token = known[2] if known is not None else os.urandom(32).hex().encode()
+        address = worker._engine.submit(LISTEN_TASK, (token,), {}).result()
+        _listeners[worker] = (worker.pid, address, token)
+        return address, token
+
+
+def _travelled(address: str, token: bytes, tls: TLS | None, name: str) -> Worker:
+    """A worker handle unpickled: a connection to that worker (made in the background;
+    calls wait for it)."""
+    opts = make_options(name=name)
+    return Worker(opts, wait=False, remote=RemoteTarget.parse(address, token, tls, None))
+
+
 def spawn(**options: Any) -> Worker:
     """Start a worker process and return its handle once it is ready.
 
     Args:
         **options: worker options (SPEC section 4): ``name``, ``start_method``
-            (``"spawn"`` or ``"reexec"``), ``python``, ``preload``, ``initializer``,
-            ``initargs``, ``env``, ``cwd``, ``umask``, ``stdout``, ``stderr``,
-            ``concurrency``, ``max_tasks``, ``memory_limit``, ``start_timeout``,
-            ``heartbeat``, ``max_message_size``, ``on_failure``, ``shutdown_on``.
+            (``"spawn"``, ``"forkserver"``, ``"fork"`` or ``"reexec"``; on Python 3.12+
+            ``"fork"`` makes ``os.fork()`` issue a ``DeprecationWarning``, see
+            :class:`~offload.client.options.WorkerOptions`), ``python``, ``preload``,
+            ``initializer``, ``initargs``, ``env``, ``cwd``, ``umask``, ``stdout``,
+            ``stderr``, ``concurrency``, ``max_tasks``, ``memory_limit``,
+            ``start_timeout``, ``heartbeat``, ``max_message_size``, ``on_failure``,
+            ``shutdown_on``, ``where`` (``"host:port"`` of a worker server, or
+            ``offload.SSH(host, ...)``: a worker server with ``concurrency`` worker
+            processes started over ssh, which ends with the handle; ``preload`` and
+            ``env`` apply there, ``w.pid`` is that server's pid).
 
     Raises:
         StartError: the process could not start, its initializer raised, or it did not
-            finish the handshake within ``start_timeout``.
+            finish the handshake within ``start_timeout``; over ssh also: ssh failed
+            (refused key, unreachable host) or the remote Python is missing or of
+            another version (the message quotes what ssh and the remote side said).
         VersionMismatch: ``python`` runs another Python or offload version.
         TypeError: an unknown option or one of the wrong type (e.g. ``name=123``).
         ValueError: an option with a bad value (e.g. ``concurrency=0``). Every option
@@ -221,7 +322,8 @@ def spawn(**options: Any) -> Worker:
     check_tls("tls", tls)
     opts = make_options(**options)
     if opts.where is not None:
-        target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
+        # Over ssh, one worker: a server with `concurrency` worker processes.
+        target = remote_target(opts, opts.where, token, tls, workers=opts.concurrency)
         return Worker(opts, remote=target)
     return Worker(opts.with_name(opts.name))
 
@@ -331,7 +433,7 @@ class Delegate:
                 tls = options.pop("tls", None)
                 opts = make_options(**options)
                 assert opts.where is not None
-                target_ = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
+                target_ = remote_target(opts, opts.where, token, tls, workers=opts.concurrency)
                 worker = Worker(opts, wait=False, remote=target_)
                 return _run_once(worker, target, args, kwargs, timeout=timeout, retries=retries)
             with _delegate_lock:
@@ -341,8 +443,8 @@ class Delegate:
                     tls = options.pop("tls", None)
                     opts = make_options(**options)
                     assert opts.where is not None
-                    remote_target = RemoteTarget.parse(opts.where, token, tls, opts.heartbeat)
-                    remote = _delegate_remote = Worker(opts, wait=False, remote=remote_target)
+                    shared = remote_target(opts, opts.where, token, tls)
+                    remote = _delegate_remote = Worker(opts, wait=False, remote=shared)
             return remote._engine.submit(target, args, kwargs, timeout=timeout, retries=retries)
         options.pop("token", None)
         options.pop("tls", None)

@@ -246,6 +246,28 @@ class ChildProcess:
         sink.close()
         os.close(fd)
 
+    def watch_output(self, fd: int, mode: str, *, initial: bytes = b"") -> None:
+        """Pass on another pipe of the process's output as ``mode`` says (like its
+        stdout), from now on; ``initial`` is what was read from it already. The pipe is
+        the loop's from now on (closed at its end or the process's). Any thread.
+
+        For a process whose stdout was read by hand first (the ``ssh`` of a worker
+        started over ssh answers on it before its output is just output)."""
+        sink = _Sink(mode, self.name, 1)
+        if initial:
+            sink.write(initial)
+
+        def watch() -> None:
+            if self.returncode is not None:  # exited meanwhile: what is left, then close
+                os.set_blocking(fd, False)
+                self._pipes[fd] = (fd, sink, False)
+                self._read_pipe(fd)
+                self._close_pipe(fd)
+                return
+            self._watch_pipe(fd, sink, keep_tail=False)
+
+        self.loop.call_soon(watch)
+
     def drain_output(self) -> None:
         """Read whatever the process has written so far (it has exited: nothing more
         comes from it, though grandchildren may still hold the pipe)."""
@@ -439,6 +461,37 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def signal_if_ours(pid: int, sig: int, still_ours: Callable[[], bool]) -> bool:
+    """Send ``sig`` to process ``pid`` if ``still_ours()`` holds once the process is
+    pinned; True if it was sent.
+
+    ``still_ours()`` says whether ``pid`` still names our worker: it does until the
+    worker is reaped (a zombie keeps its pid), after which the number may name someone
+    else's process. On Linux the process is pinned by a pidfd first and checked after,
+    so the signal reaches the process that was checked, never a newcomer with a reused
+    pid; elsewhere the check and ``kill`` are as close together as they can be.
+    """
+    pidfd: int | None = None
+    if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already (ESRCH), or no pidfds in this kernel
+            pidfd = None
+    try:
+        if not still_ours():
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def reap_pid(pid: int) -> int | None:

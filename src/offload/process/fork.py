@@ -63,6 +63,7 @@ def become_worker(
         if spec.umask is not None:
             os.umask(spec.umask)
         os.environ.update(spec.env)
+        forget_unfinished_imports()
         run_worker(spec.worker_settings(sock_fd, ppid))
     except BaseException:  # noqa: BLE001 - a forked child must never return to the caller
         import traceback
@@ -70,6 +71,28 @@ def become_worker(
         traceback.print_exc()
     finally:
         os._exit(70)
+
+
+def forget_unfinished_imports() -> None:
+    """In a forked child: drop the imports that other threads of the parent had under
+    way when it forked.
+
+    The child has only the forking thread. An import another thread was in the middle
+    of (the caller's first by-value call importing cloudpickle, say, while the I/O loop
+    forks a worker) left its module lock held by a thread that does not exist here, and
+    its half-run module in ``sys.modules``: the first unpickling that needs that module
+    would wait on the lock forever. Forgetting both lets the child import it afresh.
+    """
+    import importlib._bootstrap as bootstrap  # only in a forked child
+
+    for registry in ("_module_locks", "_blocking_on"):
+        table = getattr(bootstrap, registry, None)
+        if table is not None and hasattr(table, "clear"):
+            table.clear()
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            del sys.modules[name]
 
 
 def _close_other_fds(keep: set[int]) -> None:

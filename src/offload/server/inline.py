@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from offload import protocol as p
 from offload.client.slot import RawSink
@@ -28,20 +30,33 @@ from offload.worker.execution import Execution
 class InlineRunner:
     """Runs relayed calls on ``threads`` threads of this process.
 
+    Calls start in the order they arrived (one FIFO queue feeds the threads).
+
     Args:
         threads: calls run at once.
         max_message_size: results that pickle to more than this fail (``BAD_RESULT``),
             as in a worker process.
+        gate: a lock (or semaphore) each call holds while it runs, shared with the
+            other doors of this process's calls (see ``Execution.gate``); None: none.
+        on_thread_start: called on each of its threads when it starts.
     """
 
-    def __init__(self, threads: int, *, max_message_size: int) -> None:
+    def __init__(
+        self,
+        threads: int,
+        *,
+        max_message_size: int,
+        gate: Any = None,
+        on_thread_start: Callable[[], object] | None = None,
+    ) -> None:
         self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="offload-inline"
+            threads, thread_name_prefix="offload-inline", initializer=on_thread_start
         )
         self._execution = Execution(
             name="inline", report=self._report, max_message_size=max_message_size
         )
+        self._execution.gate = gate
         # Calls waiting for a thread (call_id -> its job and sink), and calls running
         # (call_id -> sink). Dict operations are atomic: each entry is added and removed
         # by the one thread that owns that step of the call.

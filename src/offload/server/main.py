@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Callable
 
 from offload.server.server import Server
 from offload.tokens import remove_generated_tokens
@@ -30,26 +31,36 @@ EXIT_CANNOT_START = 1
 EXIT_KILLED_AT_DEADLINE = 3
 
 
-def serve_until_signalled(server: Server, drain_timeout: float) -> int:
+def serve_until_signalled(
+    server: Server, drain_timeout: float, announce: Callable[[str], object] | None = None
+) -> int:
     """Start ``server``, serve until SIGTERM or SIGINT, drain; return the exit status
     (0: every call finished; 3: calls were killed at the drain deadline; 1: could not
     start). Removes the token ``offload serve`` generated before it returns.
 
+    ``announce(address)`` is called once it listens, instead of printing the address
+    (a server started over ssh tells its client so).
+
     Must run on the main thread (it installs signal handlers).
     """
     try:
-        return _serve_until_signalled(server, drain_timeout)
+        return _serve_until_signalled(server, drain_timeout, announce)
     finally:
         remove_generated_tokens()
 
 
-def _serve_until_signalled(server: Server, drain_timeout: float) -> int:
+def _serve_until_signalled(
+    server: Server, drain_timeout: float, announce: Callable[[str], object] | None
+) -> int:
     try:
         bound = server.start()
     except OSError as exc:
         print(f"offload serve: cannot listen on {server.address}: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
-    print(f"offload: serving on {bound} (pid {os.getpid()})", flush=True)
+    if announce is not None:
+        announce(str(bound))
+    else:
+        print(f"offload: serving on {bound} (pid {os.getpid()})", flush=True)
     _wait_for_signal()
     print(f"offload: draining (up to {drain_timeout:g} s): {server!r}", file=sys.stderr, flush=True)
     clean = server.stop(drain_timeout)

@@ -200,9 +200,7 @@ class Server:
         self._listener = listen(self.address)
         self.address = bound_address(self._listener, self.address)
         if self.isolation == "inline":
-            self._inline = self._runner = InlineRunner(
-                self.workers, max_message_size=self._worker_options.max_message_size
-            )
+            self._inline = self._runner = self._inline_runner()
         else:
             options = self._worker_options
             if self.isolation == "process":
@@ -232,6 +230,15 @@ class Server:
         self._gate.start()
         log.info("offload: serving on %s (isolation=%s)", self.address, self.isolation)
         return self.address
+
+    def _inline_runner(self) -> InlineRunner:
+        """What runs the calls with ``isolation="inline"`` (a host of calls in its own
+        process, :mod:`offload.server.host`, runs them its way)."""
+        return InlineRunner(self.workers, max_message_size=self._worker_options.max_message_size)
+
+    def hello_name(self) -> str:
+        """The name this server gives itself in its Hello (clients name it so in errors)."""
+        return f"offload-server@{self.address}"
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop accepting, let running calls finish for up to ``timeout`` seconds, then
@@ -304,7 +311,7 @@ class Server:
             runner=self._runner,
             loop=self.loop,
             tally=self._tally,
-            name=f"offload-server@{self.address}",
+            name=self.hello_name(),
             slots=self.workers,
             max_message_size=self._worker_options.max_message_size,
             disconnect_grace=self.disconnect_grace,

@@ -11,7 +11,7 @@ from itertools import starmap
 
 TYPE_CHECKING = False  # imported by workers at start-up; typing costs milliseconds
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from typing import Any
 
 # An outcome is (True, value) or (False, exception-or-None, type name, message, traceback).
@@ -38,6 +38,29 @@ def run_chunk(fn: Callable[..., Any], items: Sequence[Any], star: bool = True) -
         rest = items[failed + 1 :]
         outcomes += _run_each(fn, rest if star else [(item,) for item in rest])
         return False, outcomes
+
+
+def fold_chunk(
+    map_fn: Callable[[Any], Any], reduce_fn: Callable[[Any, Any], Any], items: Iterable[Any]
+) -> tuple[bool, list[Any]]:
+    """Fold a chunk of a ``Pool.map_reduce``: ``(True, [partial])``, where the partial is
+    ``reduce_fn(...reduce_fn(map_fn(x1), map_fn(x2))..., map_fn(xn))``; ``(True, [])``
+    for no items. (The shape of :func:`run_chunk`'s answer, so a map's machinery
+    carries it.)
+
+    The fold starts from the first mapped item, not from the caller's ``initial``,
+    which the caller folds in once (it need not be an identity element).
+
+    Raises:
+        whatever ``map_fn`` or ``reduce_fn`` raised: the call fails with it, as itself.
+    """
+    it = iter(items)
+    for first in it:
+        acc = map_fn(first)
+        for item in it:
+            acc = reduce_fn(acc, map_fn(item))
+        return True, [acc]
+    return True, []
 
 
 def _run_each(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]]) -> list[Outcome]:

@@ -54,7 +54,7 @@ def report(value: Any) -> None:
     caller takes no progress) this does nothing.
 
     Raises:
-        Whatever pickling ``value`` raises, in a worker process.
+        Exception: whatever pickling ``value`` raises, in a worker process.
     """
     sink: Callable[[int, Any], None] | None = getattr(_current, "report", None)
     if sink is not None:
@@ -85,6 +85,11 @@ class Execution:
         self._report = report
         # Functions that calls name by reference (Call.function), unpickled once.
         self._functions: dict[bytes, Callable[..., Any]] = {}
+        # A lock (or semaphore) every call holds while its function runs, when calls of
+        # this process come through more than one door (an actor's creator and the other
+        # holders of its handle): ``concurrency`` then holds across all of them. None:
+        # no gate (calls run as the loop that feeds them decides).
+        self.gate: Any = None
 
     def __repr__(self) -> str:
         progress = "progress reported" if self._report is not None else "progress dropped"
@@ -125,11 +130,16 @@ class Execution:
             )
         _current.report = self._report
         _current.call_id = call_id
+        gate = self.gate  # read once: it may be installed while this call runs
+        if gate is not None:
+            gate.acquire()
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - the task's exception, whatever it is
             return _raised(call_id, exc, started)
         finally:
+            if gate is not None:
+                gate.release()
             _current.report = None
             del args, kwargs, fn
             flush_stdio()

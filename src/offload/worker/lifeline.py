@@ -61,6 +61,25 @@ def die() -> NoReturn:
         os._exit(1)
 
 
+def outlive_parent() -> None:
+    """The parent is gone and this worker lives on (``shutdown_on="explicit"``): point
+    standard output and error at ``/dev/null``. Their pipes were read by the parent;
+    with nobody reading, a print would fail with a broken pipe (or block on a full one).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    finally:
+        os.close(devnull)
+
+
 def install_signal_handlers(parent_pid: int) -> None:
     """Die with the process group on the parent-death signal; on SIGTERM, die of it.
 

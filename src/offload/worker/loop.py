@@ -22,9 +22,15 @@ stderr are separate, so nothing a task prints can corrupt the channel.
    client relies on that to know which calls were running when a worker dies. A call
    cancelled before it started is skipped.
 4. ``Shutdown`` is queued behind the calls already received, so they finish first; the
-   worker then says ``Goodbye`` and exits with status 0.
+   worker then runs what was registered with :meth:`WorkerLoop.before_exit` (an actor's
+   listener drains its other clients), says ``Goodbye`` and exits with status 0.
+   :meth:`WorkerLoop.request_stop` does the same from inside the process (a holder of an
+   actor's handle other than its creator asked it to shut down).
 5. End of file on the socket means the parent is gone (or gave up on us): the worker
-   dies with its whole process group (:mod:`offload.worker.lifeline`).
+   dies with its whole process group (:mod:`offload.worker.lifeline`) -- unless it was
+   started with ``shutdown_on="explicit"`` (an actor that outlives its creator): it then
+   lets go of its standard output and error (nobody reads the pipes any more) and lives
+   on until :meth:`WorkerLoop.request_stop`.
 
 The worker imports nothing from the client side.
 """
@@ -47,6 +53,7 @@ from offload.worker.settings import SETTINGS_ENV, WorkerSettings, decode_setting
 
 TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
 # Reads go into one preallocated buffer: allocating a fresh 256 KiB bytes object per
@@ -92,6 +99,12 @@ class WorkerLoop:
         self._read_view = memoryview(self._read_buf)
         self._send_lock = _thread.allocate_lock()
         self._closed = False
+        self._exit_hooks: list[Callable[[], object]] = []
+        self.stop_requested = False
+        self._stopped = False  # the end of the input was turned into a Shutdown
+        # Held until request_stop(): an explicit worker whose client is gone waits on it.
+        self._stop_lock = _thread.allocate_lock()
+        self._stop_lock.acquire()
 
     def __repr__(self) -> str:
         mode = "inline" if self.inline else f"{self.concurrency} threads"
@@ -181,6 +194,10 @@ class WorkerLoop:
                 continue
             except OSError:
                 n = 0
+            if not n and self.stop_requested:
+                # Our own reading side was shut (request_stop): the client is still
+                # there, and the results of the calls read already still go to it.
+                return self._client_gone()
             self.conn.receive_data(self._read_view[:n] if n else b"")
             batch: list[p.Message] = []
             try:
@@ -188,17 +205,64 @@ class WorkerLoop:
             except ProtocolError:
                 self.die()
             if ended:
-                self.die()  # the client closed the connection
+                return batch + self._client_gone()
             if batch:
                 return batch
 
+    def _client_gone(self) -> list[p.Message]:
+        """The input ended: the client closed its end, or :meth:`request_stop` shut our
+        reading side. A requested stop becomes a Shutdown (behind the calls read
+        already); otherwise the worker dies with its process group, or, started with
+        ``shutdown_on="explicit"``, outlives its client until a stop is requested."""
+        if not self.stop_requested:
+            if self.settings.shutdown_on != "explicit":
+                self.die()  # the client closed the connection
+            self._closed = True  # nothing more can be sent to the client
+            lifeline.outlive_parent()
+            self._stop_lock.acquire()  # until request_stop()
+        self._stopped = True
+        return [p.Shutdown()]
+
+    def request_stop(self) -> None:
+        """End this worker from inside as the client's Shutdown would: the calls received
+        already finish, the exit hooks run, then the process exits with status 0.
+        Thread-safe; idempotent."""
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        self._stop_lock.release()  # an explicit worker whose client is gone waits on it
+        import _socket
+
+        try:
+            self._socket().shutdown(_socket.SHUT_RD)  # the reader sees the end at once
+        except OSError:
+            pass  # the client's end is gone already: the reader has seen it
+
+    def before_exit(self, hook: Callable[[], object]) -> None:
+        """Run ``hook()`` when the worker stops on purpose (Shutdown or
+        :meth:`request_stop`), after its last call and before its Goodbye."""
+        self._exit_hooks.append(hook)
+
+    def run_exit_hooks(self) -> None:
+        """Run the :meth:`before_exit` hooks, each once; one that raises does not stop
+        the others."""
+        hooks, self._exit_hooks = self._exit_hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except BaseException as exc:  # noqa: BLE001 - the exit goes on
+                print(
+                    f"offload: an exit hook of worker {self.name} failed: {exc!r}", file=sys.stderr
+                )
+
     def read_loop(self) -> None:
-        """Reader thread (threaded mode): route frames to the executors. Never returns."""
+        """Reader thread (threaded mode): route frames to the executors. Returns only
+        once the input ended on purpose (see :meth:`_client_gone`)."""
         timeout = None
         heartbeat = self.settings.heartbeat
         if heartbeat and self.settings.shutdown_on == "heartbeat_timeout":
             timeout = heartbeat[1]
-        while True:
+        while not self._stopped:
             for msg in self.read_batch(timeout):
                 self.handle(msg)
 
@@ -242,12 +306,7 @@ class WorkerLoop:
         the end of the connection is left for :meth:`read_batch` to find)."""
         import _socket  # only once calls come in batches: not on every worker's start-up
 
-        sock = self._nonblocking
-        if sock is None:
-            # The C socket type over the same fd (the ``socket`` package costs a worker
-            # start-up time): reads with MSG_DONTWAIT leave the fd blocking for the
-            # blocking reads. Kept for the life of the process, so it never closes it.
-            sock = self._nonblocking = _socket.socket(fileno=self.fd)
+        sock = self._socket()
         try:
             n = sock.recv_into(self._read_buf, 0, _socket.MSG_DONTWAIT)
         except OSError:  # nothing there (BlockingIOError), or gone: read_batch will see
@@ -261,6 +320,17 @@ class WorkerLoop:
         except ProtocolError:
             self.die()
         return batch
+
+    def _socket(self) -> Any:
+        """The C socket type over the channel's fd (the ``socket`` package costs a worker
+        start-up time): reads with MSG_DONTWAIT leave the fd blocking for the blocking
+        reads. Kept for the life of the process, so it never closes the fd."""
+        sock = self._nonblocking
+        if sock is None:
+            import _socket
+
+            sock = self._nonblocking = _socket.socket(fileno=self.fd)
+        return sock
 
     def handle(self, msg: p.Message) -> None:
         """Act on one message from the client (threaded mode: on the reader thread)."""
@@ -301,6 +371,16 @@ class WorkerLoop:
             self.reaper.reap()
 
 
+_this_worker: WorkerLoop | None = None
+
+
+def this_worker() -> WorkerLoop | None:
+    """The loop of this worker process (None outside a worker): for code that a call
+    runs in the worker to host more there (an actor's listener, see
+    :mod:`offload.server.host`)."""
+    return _this_worker
+
+
 def run_worker(settings: WorkerSettings | None = None) -> NoReturn:
     """Run this process as a worker until told to stop; never returns.
 
@@ -320,7 +400,8 @@ def run_worker(settings: WorkerSettings | None = None) -> NoReturn:
 
     faulthandler.enable()
     _set_title(settings.name)
-    loop = WorkerLoop(settings)
+    global _this_worker
+    loop = _this_worker = WorkerLoop(settings)
     if lifeline.become_subreaper():
         loop.reaper = lifeline.OrphanReaper()
     lifeline.install_signal_handlers(settings.ppid)
@@ -347,6 +428,7 @@ def run_worker(settings: WorkerSettings | None = None) -> NoReturn:
         loop.execute_loop()  # returns on Shutdown
         for t in helpers:
             t.join()
+    loop.run_exit_hooks()
     flush_stdio()
     loop.say_goodbye()
     os._exit(0)
