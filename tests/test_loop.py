@@ -224,3 +224,47 @@ def test_a_channel_never_waits_for_a_peer_that_does_not_read(
         loop.remove_reader(mine.fileno())
         peer.close()  # a write still blocked (it must not be) fails instead of hanging
         loop.run_sync(channel.close)
+
+
+def test_a_goodbye_read_by_a_waiting_thread_is_closed_by_the_loop(
+    loop: Loop, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """A thread reading its own answers (``Channel.pump``) that reads the peer's Goodbye
+    leaves the closing to the loop thread: closing unregisters the socket on the loop and
+    waits for it, while the loop may be waiting for the reader's lock (``drain()`` as
+    the worker exits). Here the loop is held busy while the thread reads the Goodbye:
+    the thread must return all the same, and the loop closes the channel once free."""
+    mine, peer = pair
+    conn = p.Connection("client", name="test", pid=0, slots=0)
+    peer_conn = p.Connection("worker", name="peer", pid=0, slots=1)
+    conn.state = peer_conn.state = p.State.OPEN
+    channel = Channel(mine, conn, loop)
+    closed = threading.Event()
+    channel.on_messages = lambda msgs: None
+    channel.on_close = lambda error: closed.set()
+    loop.add_reader(mine.fileno(), channel._on_readable)
+    channel._reading = True
+    loop_busy, release_loop = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:
+        loop_busy.set()
+        release_loop.wait(WAIT)
+
+    try:
+        assert channel.claim()
+        loop.call_soon(hold_the_loop)
+        assert loop_busy.wait(WAIT)
+        for chunk in peer_conn.send(p.Goodbye(reason="done")):
+            peer.sendall(chunk)
+        returned = threading.Event()
+        reader = threading.Thread(
+            target=lambda: (channel.pump_claimed(closed.is_set, WAIT), returned.set())
+        )
+        reader.start()
+        assert returned.wait(WAIT), "the reading thread waited for the busy loop"
+        assert not closed.is_set()  # the loop, still busy, has not closed it yet
+    finally:
+        release_loop.set()
+        reader.join(WAIT)
+    assert closed.wait(WAIT)
+    assert channel.closed

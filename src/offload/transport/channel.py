@@ -84,6 +84,7 @@ class Channel:
         self._outbox: list[Any] = []  # encoded frame chunks not written yet
         self._read_lock = threading.Lock()  # whoever holds it reads: the loop or a waiter
         self._closed = False
+        self._ending = False  # ended, its closing left to the loop (see _feed)
         self._reading = False
         self._read_buf = bytearray(_READ_SIZE)
         self._read_view = memoryview(self._read_buf)
@@ -351,7 +352,7 @@ class Channel:
             poller = self._poller = select.poll()
             poller.register(self.sock.fileno(), select.POLLIN)
         deadline = time.monotonic() + window
-        while not done() and not self._closed:
+        while not done() and not self._closed and not self._ending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -380,7 +381,15 @@ class Channel:
         if batch:
             self.on_messages(batch)
         if ended:
-            self._finish(error)
+            if self.threaded or self.loop.in_loop():
+                self._finish(error)
+            else:
+                # A thread reading its own answers (pump) holds the read lock, and
+                # closing unregisters the socket on the loop thread and waits for it:
+                # if the loop is meanwhile waiting for that lock (drain() as the
+                # worker exits), each waits for the other forever. The loop closes it.
+                self._ending = True  # the reading thread stops reading now
+                self.loop.call_soon(self._finish, error)
 
     def drain(self) -> None:
         """Read and dispatch whatever the peer already sent, without blocking (used when
