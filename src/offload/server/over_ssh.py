@@ -31,7 +31,8 @@ def serve(listen: str, token: bytes, settings: dict[str, Any], ready: Callable[[
         listen: ``unix:PATH``.
         token: the shared secret the client sent.
         settings: ``workers`` (calls run at once; default: the CPU count),
-            ``preload`` (modules the workers import).
+            ``preload`` (modules the workers import), ``start_method`` (how the
+            workers start; default ``"fork"``).
         ready: called with ``"pid N"`` once clients may connect.
 
     Returns:
@@ -48,5 +49,13 @@ def serve(listen: str, token: bytes, settings: dict[str, Any], ready: Callable[[
         token=token,
         workers=settings.get("workers"),
         preload=tuple(settings.get("preload") or ()),
+        # Its workers fork from this process rather than start an interpreter each:
+        # a worker then answers a few milliseconds after the server starts, not after a
+        # second interpreter start and its imports (over ssh, the whole start must stay
+        # within 1.5x a bare `ssh host python -c pass`). Forking a threaded process is
+        # unsafe when another thread holds a lock the child needs; the threads here
+        # are offload's own (the I/O loop, which forks, and the accepting thread), and
+        # a forked worker drops the imports other threads had under way.
+        worker_options={"start_method": settings.get("start_method") or "fork"},
     )
     return serve_until_signalled(server, 0.0, lambda _: ready(f"pid {os.getpid()}"))
