@@ -84,6 +84,7 @@ class Channel:
         self._outbox: list[Any] = []  # encoded frame chunks not written yet
         self._read_lock = threading.Lock()  # whoever holds it reads: the loop or a waiter
         self._closed = False
+        self._ending = False  # ended, its closing left to the loop (see _feed)
         self._reading = False
         self._read_buf = bytearray(_READ_SIZE)
         self._read_view = memoryview(self._read_buf)
@@ -351,8 +352,7 @@ class Channel:
             poller = self._poller = select.poll()
             poller.register(self.sock.fileno(), select.POLLIN)
         deadline = time.monotonic() + window
-        # A connection that ended stops the reading here; the loop closes it (_feed).
-        while not done() and not self._closed and self.conn.state is not p.State.CLOSED:
+        while not done() and not self._closed and not self._ending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -388,6 +388,7 @@ class Channel:
                 # closing unregisters the socket on the loop thread and waits for it:
                 # if the loop is meanwhile waiting for that lock (drain() as the
                 # worker exits), each waits for the other forever. The loop closes it.
+                self._ending = True  # the reading thread stops reading now
                 self.loop.call_soon(self._finish, error)
 
     def drain(self) -> None:
