@@ -19,7 +19,9 @@ make_importable()
 
 from benchmarks import (  # noqa: E402
     actors,
+    channels,
     coldstart,
+    data,
     death,
     pool_coldstart,
     pool_failures,
@@ -29,6 +31,7 @@ from benchmarks import (  # noqa: E402
     roundtrip,
     ssh,
     timeout,
+    waiting,
 )
 from benchmarks.report import Section, Target  # noqa: E402
 
@@ -38,12 +41,17 @@ NAMES = (
     "timeout",
     "coldstart",
     "pool-coldstart",
+    "fresh-program",
     "pool-submit",
     "pool-map",
     "pool-failure",
     "remote",
     "ssh",
     "actors",
+    "data",
+    "channels",
+    "waiting",
+    "by-value",
 )
 
 
@@ -62,10 +70,14 @@ class Plan:
     map_reps: int = 5
     chunksizes: tuple[int, ...] = (1, 100, 1000, 5000)  # tried for every peer's map
     pool_cold_reps: int = 10
+    fresh_reps: int = 10  # fresh programs (whole processes) per contender
     pool_failure_reps: int = 10
     remote_pool_calls: int = 5000
     remote_reps: int = 3
     ssh_reps: int = 10  # worker starts over ssh per contender
+    channel_items: int = 200_000  # tiny items per channel run, per direction
+    channel_reps: int = 5
+    data_reps: int = 10  # large data: 64 MiB round trips per contender
     limit: float = 60.0  # seconds before a batch of calls counts as hung
 
 
@@ -82,10 +94,14 @@ QUICK = Plan(
     map_items=40_000,
     map_reps=1,
     pool_cold_reps=3,
+    fresh_reps=3,
     pool_failure_reps=3,
     remote_pool_calls=1000,
     remote_reps=1,
     ssh_reps=3,
+    channel_items=20_000,
+    channel_reps=1,
+    data_reps=5,
     limit=30.0,
 )
 
@@ -111,7 +127,8 @@ def _header(plan: Plan, quick: bool) -> str:
         f"{plan.death_reps} each; timeouts: {plan.timeout_reps}; cold starts: {plan.cold_reps}; "
         f"pool of 2: {_runs(plan.pool_reps)} of {plan.pool_calls} calls, map: "
         f"{_runs(plan.map_reps)} at the best chunk size; pool cold starts: "
-        f"{plan.pool_cold_reps}; pool failures: {plan.pool_failure_reps} each; remote pool: "
+        f"{plan.pool_cold_reps}; fresh programs: {plan.fresh_reps}; pool failures: "
+        f"{plan.pool_failure_reps} each; remote pool: "
         f"{_runs(plan.remote_reps)} of {plan.remote_pool_calls} calls."
     )
 
@@ -205,6 +222,18 @@ def run(plan: Plan, only: set[str]) -> list[Section]:
         )
     if "actors" in only:
         sections += _actor_sections(plan)
+    if "channels" in only:
+        sections += _channel_sections(plan)
+    if "data" in only:
+        sections += _data_sections(plan)
+    if "waiting" in only:
+        _log("every way of waiting...")
+        sections += waiting.waiting_sections(
+            plan.pool_calls, plan.pool_reps, plan.calls, plan.warmup, plan.rounds
+        )
+    if "by-value" in only:
+        _log("functions that travel by value...")
+        sections += waiting.function_sections(plan.calls, plan.warmup, plan.rounds)
     if "ssh" in only:
         _log("worker start over ssh...")
         sections.append(
@@ -218,6 +247,62 @@ def run(plan: Plan, only: set[str]) -> list[Section]:
             )
         )
     return sections
+
+
+def _data_sections(plan: Plan) -> list[Section]:
+    _log("large data...")
+    arrays, blobs = data.run_local(plan.data_reps)
+    _log("large data over loopback...")
+    remote_rows = data.run_remote(plan.data_reps)
+    moved = "128 MiB moved per round trip"
+    return [
+        Section(
+            "64 MiB NumPy array round trip to a local worker (MB/s)",
+            "MB/s",
+            arrays,
+            floor=data.MEMCPY,
+            target=Target("≥ 50% of an in-process memcpy (warm buffer)", 0.5, relative=True),
+            notes=[moved],
+        ),
+        Section(
+            "64 MiB bytes round trip to a local worker (MB/s)",
+            "MB/s",
+            blobs,
+            floor=data.FRESH_BYTES,
+            target=Target("≥ 50% of an in-process bytes(b) (fresh)", 0.5, relative=True),
+            notes=[moved + "; a received bytes is a new object: bytes(b) is its floor"],
+        ),
+        Section(
+            "64 MiB bytes round trip over loopback, offload serve (MB/s)",
+            "MB/s",
+            remote_rows,
+            floor=data.RAW_TCP,
+            subjects=(data.OFFLOAD_TCP, data.OFFLOAD_TLS),
+            target=Target("≥ 70% of a raw TCP socket", 0.7, relative=True),
+            notes=[moved],
+        ),
+    ]
+
+
+def _channel_sections(plan: Plan) -> list[Section]:
+    _log("channels...")
+    rows = channels.run(plan.channel_items, plan.channel_reps)
+    by_name = {row.system: row for row in rows}
+    return [
+        Section(
+            f"Channel, {plan.channel_items} tiny items, {direction}",
+            "items/s",
+            [by_name[mine], by_name[theirs]],
+            floor=theirs,
+            subjects=(mine,),
+            target=Target("≥ 2x multiprocessing.Queue", 2.0, relative=True),
+            notes=[f"both bounded at {channels.MAXSIZE} items"],
+        )
+        for direction, mine, theirs in (
+            ("worker → parent", channels.OFFLOAD_UP, channels.QUEUE_UP),
+            ("parent → worker", channels.OFFLOAD_DOWN, channels.QUEUE_DOWN),
+        )
+    ]
 
 
 def _actor_sections(plan: Plan) -> list[Section]:
@@ -273,6 +358,8 @@ def _pool_sections(plan: Plan, only: set[str]) -> list[Section]:
                 target=Target("≤ 2x two bare forks", 2.0, relative=True),
             )
         )
+    if "fresh-program" in only:
+        sections += _fresh_sections(plan)
     if "pool-submit" in only:
         _log("pool: submit all, then wait all...")
         sections.append(
@@ -324,6 +411,38 @@ def _pool_sections(plan: Plan, only: set[str]) -> list[Section]:
                 )
             )
     return sections
+
+
+def _fresh_sections(plan: Plan) -> list[Section]:
+    _log("fresh programs (whole processes)...")
+    rows = pool_coldstart.run_fresh(plan.fresh_reps)
+    return [
+        Section(
+            "Fresh program: import offload (whole process)",
+            "ms",
+            rows["import"],
+            floor=pool_coldstart.BARE,
+            subjects=(pool_coldstart.IMPORT_LESS_BARE,),
+            target=Target("≤ 10 ms", 0.010),
+            notes=[note] if (note := coldstart.stale_bytecode_note()) else [],
+        ),
+        Section(
+            "Fresh program: import, Pool(2), first result, shutdown; fork (whole process)",
+            "ms",
+            rows["fork"],
+            floor=pool_coldstart.PPE_FORK,
+            subjects=(pool_coldstart.OFFLOAD_FORK,),
+            target=Target("≤ 1.2x ProcessPoolExecutor(2), same program", 1.2, relative=True),
+        ),
+        Section(
+            "Fresh program: import, Pool(2), first result, shutdown; spawn (whole process)",
+            "ms",
+            rows["spawn"],
+            floor=pool_coldstart.SPAWN_FLOOR,
+            subjects=(pool_coldstart.OFFLOAD_SPAWN,),
+            target=Target("≤ 1.5x two bare python starts", 1.5, relative=True),
+        ),
+    ]
 
 
 def _reap_leftovers() -> None:

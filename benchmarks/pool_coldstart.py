@@ -7,6 +7,15 @@ one per kind of start: two bare ``python -c pass`` started at once with
 forkserver is measured *warm*: its template process, started by an earlier pool in this
 process (the untimed warm-up start), already runs. Repetitions alternate between
 contenders (:func:`benchmarks.coldstart.measure`).
+
+:func:`run_fresh` times *fresh programs* instead: each repetition runs a new interpreter
+that imports its library, makes a pool of 2, gets one result and shuts the pool down,
+timed as a whole process from outside (start to exit), so the program's own imports
+count. The contenders are whole programs too: ``import offload`` alone against a bare
+``python -c pass``; an offload pool against the same program with
+``ProcessPoolExecutor(2)`` and ``multiprocessing.Pool(2)``, forking and spawning; for
+spawn, two bare interpreters started at once (by this process) are the floor, and a
+program that does nothing but start them is shown next to it.
 """
 
 from __future__ import annotations
@@ -133,3 +142,106 @@ def run_fork(reps: int) -> list[Row]:
         ],
         reps,
     )
+
+
+# -- fresh programs: whole processes -------------------------------------------------------
+
+BARE = "bare python -c pass"
+IMPORT_OFFLOAD = "python -c 'import offload'"
+IMPORT_LESS_BARE = "import offload, less a bare start (paired)"
+OFFLOAD_FORK = "offload Pool(2) (fork)"
+PPE_FORK = "ProcessPoolExecutor(2) (fork)"
+OFFLOAD_SPAWN = "offload Pool(2) (spawn)"
+
+_OFFLOAD_PROGRAM = """\
+import offload
+pool = offload.Pool(2, start_method={method!r})
+pool.submit(abs, -1).result(timeout=60)
+pool.shutdown()
+"""
+_PPE_PROGRAM = """\
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context({method!r}))
+ex.submit(abs, -1).result(timeout=60)
+ex.shutdown()
+"""
+# A program whose whole work is starting two bare interpreters at once: what a spawning
+# pool's program would cost if its imports and its pool were free.
+_TWO_PYTHONS_PROGRAM = """\
+import subprocess, sys
+procs = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+for proc in procs:
+    proc.wait()
+"""
+TWO_PYTHONS_PROGRAM = "program starting 2 bare python -c pass at once"
+_MP_POOL_PROGRAM = """\
+import multiprocessing
+pool = multiprocessing.get_context({method!r}).Pool(2)
+pool.apply(abs, (-1,))
+pool.close()
+pool.join()
+"""
+
+
+def _program(code: str) -> Starter:
+    """A fresh interpreter running ``code`` to its exit, timed whole."""
+
+    def start() -> Callable[[], None]:
+        subprocess.run(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            check=True,
+            timeout=60,
+        )
+        return lambda: None
+
+    return start
+
+
+def run_fresh(reps: int) -> dict[str, list[Row]]:
+    """Fresh programs as whole processes, every contender in one alternating series:
+    ``{"import": rows, "fork": rows, "spawn": rows}``, one table section each."""
+    contenders: list[tuple[str, Starter, str]] = [
+        (BARE, _program("pass"), ""),
+        (IMPORT_OFFLOAD, _program("import offload"), ""),
+    ]
+    methods = ["spawn"]
+    if hasattr(os, "fork"):
+        methods.insert(0, "fork")
+    for method in methods:
+        contenders += [
+            (f"offload Pool(2) ({method})", _program(_OFFLOAD_PROGRAM.format(method=method)), ""),
+            (
+                f"ProcessPoolExecutor(2) ({method})",
+                _program(_PPE_PROGRAM.format(method=method)),
+                "same program",
+            ),
+            (
+                f"multiprocessing.Pool(2) ({method})",
+                _program(_MP_POOL_PROGRAM.format(method=method)),
+                "same program, for reference",
+            ),
+        ]
+    contenders.append((SPAWN_FLOOR, _bare_pythons, "started by the benchmark, not a program"))
+    contenders.append(
+        (TWO_PYTHONS_PROGRAM, _program(_TWO_PYTHONS_PROGRAM), "a fresh program, for reference")
+    )
+    rows = {row.system: row for row in measure(contenders, reps)}
+    bare, imported = rows[BARE].samples, rows[IMPORT_OFFLOAD].samples
+    paired = (
+        [a - b for a, b in zip(imported, bare, strict=True)]
+        if bare and imported and len(bare) == len(imported)
+        else None
+    )
+    less_bare = Row(IMPORT_LESS_BARE, paired, note="" if paired else "no pair measured")
+    return {
+        "import": [rows[BARE], rows[IMPORT_OFFLOAD], less_bare],
+        "fork": [rows[n] for n in rows if n.endswith("(fork)")],
+        "spawn": [
+            rows[SPAWN_FLOOR],
+            rows[TWO_PYTHONS_PROGRAM],
+            *(rows[n] for n in rows if n.endswith("(spawn)")),
+        ],
+    }

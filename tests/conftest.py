@@ -63,12 +63,14 @@ DEFAULT_TIER = "process"
 # The tier of each test file ("file::test" for one test of a file that has another);
 # a file not listed here is in DEFAULT_TIER.
 TIER_OF_FILE = {
+    "test_channel_hub.py": "unit",  # a channel's hub driven by hand, no processes
     "test_engine.py": "unit",  # the engine driven by fake slots on a fake clock
     "test_future.py": "unit",
     "test_messages.py": "unit",
     "test_option_validation.py": "unit",
     "test_protocol.py": "unit",
     "test_public_api.py": "unit",
+    "test_record.py": "unit",  # offload._record: dataclass-like records, no processes
     "test_public_api.py::test_worker_start_up_imports_stay_small": "process",  # runs python
     "test_outcome.py": "unit",
     "test_scheduler.py": "unit",
@@ -78,6 +80,9 @@ TIER_OF_FILE = {
     "test_conftest_self.py": "process",  # inner pytest runs whose tests start processes
     "test_contract.py": "process",  # its remote worker kind is marked network
     "test_crash_matrix.py": "process",
+    "test_dumpfile.py": "unit",  # the crash-dump format and what a dump holds
+    "test_crash_dumps.py": "process",  # OFFLOAD_DUMP_DIR, offload replay (subprocesses)
+    "test_crash_dumps.py::test_a_crash_on_a_worker_server_is_dumped_in_the_client": "network",
     "test_docs_examples.py": "process",  # every ```python block of docs/, run as a script
     "test_docs_examples.py::test_example_with_a_server_runs": "network",  # + offload serve
     "test_lifecycle.py": "process",
@@ -89,13 +94,20 @@ TIER_OF_FILE = {
     "test_readme.py": "process",
     "test_shutdown_exit_fork.py": "process",
     "test_fork_imports.py": "process",
+    "test_cold_imports.py": "process",  # fresh interpreters: what import offload loads
+    "test_waiting.py": "process",  # every way of waiting for futures of real pools
+    "test_by_value.py": "network",  # by-value functions, locally and through offload serve
     "test_stress.py": "process",
     "test_worker_api.py": "process",
     "test_actor.py": "network",  # actors listen on 127.0.0.1; one test runs offload serve
+    "test_channels.py": "network",  # channels through local workers, offload serve, actors
     "test_mypy_plugin.py": "process",  # runs mypy
     "test_loop.py": "network",  # the I/O loop's channels over socket pairs
     "test_remote.py": "network",
+    "test_large_data.py": "network",  # 64 MiB round trips; offload serve (TCP, TLS)
+    "test_attach.py": "network",  # workers started by hand connect to 127.0.0.1
     "test_remote_security.py": "network",
+    "test_remote_output.py": "network",  # real offload serve servers; their tasks print
     "test_ssh.py": "network",  # a real sshd on 127.0.0.1 per test
     "test_actor_ssh.py": "network",  # actors over ssh: a real sshd on 127.0.0.1 per test
     "test_server_hardening.py": "network",

@@ -66,9 +66,10 @@ _NO_LOCAL_PROCESS = (
     "(a dead client's calls are killed by the server: test_remote.py)"
 )
 _NO_PROCESS_OPTIONS = (
-    "env, cwd, stdout, stderr, initializer, max_tasks and preload set up a local worker "
-    "process; connect() takes none of them (a server's processes are set up by "
-    "`offload serve --preload ...`)"
+    "env, cwd, initializer, max_tasks and preload set up a local worker process; connect() "
+    "takes none of them (a server's processes are set up by `offload serve --preload "
+    "...`); its stdout and stderr modes apply to what the server relays: "
+    "test_remote_output.py"
 )
 _NOT_STARTED = (
     "a remote worker is connected to, not started: it has no start method (a server "

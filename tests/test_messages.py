@@ -137,6 +137,20 @@ def test_messages_dispatch_with_match() -> None:
     assert route(p.Cancel(call_id=1)) == "other"
 
 
+def test_output_carries_a_calls_bytes_on_a_stream() -> None:
+    msg = p.Output(call_id=4, stream=p.STDERR, data=b"line\n")
+    assert (p.STDOUT, p.STDERR) == (1, 2)  # the file descriptors the bytes were written to
+    assert {"Output", "STDOUT", "STDERR"} <= set(p.__all__)
+    match msg:
+        case p.Output(call_id):
+            assert call_id == 4
+        case _:
+            raise AssertionError(msg)
+    assert msg == p.Output(call_id=4, stream=2, data=b"line\n")
+    assert msg != p.Output(call_id=4, stream=p.STDOUT, data=b"line\n")
+    assert repr(msg) == "Output(call_id=4, stream=2, data=b'line\\n')"
+
+
 def test_message_types_are_a_closed_tagged_union() -> None:
     tags = [cls.TAG for cls in p.MESSAGE_TYPES]
     assert sorted(tags) == list(range(1, len(p.MESSAGE_TYPES) + 1))
@@ -187,3 +201,21 @@ def test_the_protocol_and_tokens_import_nothing_above_them(
         for module in offload_imports(path):
             ok = any(module == a or module.startswith(f"{a}.") for a in allowed)
             assert ok, f"{path.relative_to(SRC)} imports {module}"
+
+
+def test_channel_messages_route_by_call_and_relabel_for_relays() -> None:
+    data = p.ChannelData(call_id=7, channel_id=3, kind=p.OBJECT, payload=b"x", buffers=(b"b",))
+    for msg in (
+        data,
+        p.ChannelClose(call_id=7, channel_id=3, error=b"err"),
+        p.ChannelCredit(call_id=7, channel_id=3, count=5),
+    ):
+        relayed = msg.with_call_id(99)  # type: ignore[attr-defined]
+        assert type(relayed) is type(msg) and relayed is not msg
+        assert field_values(relayed) == {**field_values(msg), "call_id": 99}
+        assert msg.call_id == 7  # type: ignore[attr-defined]
+        match msg:
+            case p.ChannelData(call_id) | p.ChannelClose(call_id) | p.ChannelCredit(call_id):
+                assert call_id == 7
+            case _:
+                raise AssertionError("channel messages match on their call id")

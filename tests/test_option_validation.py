@@ -173,13 +173,14 @@ def test_messages_say_what_is_accepted() -> None:
 
 
 def test_the_dataclass_itself_validates() -> None:
-    """Not only make_options: WorkerOptions(...) and dataclasses.replace check too."""
-    import dataclasses
+    """Not only make_options: WorkerOptions(...) and replace() check too (a record of
+    offload._record, not a dataclass: a fresh program's first pool imports no dataclasses)."""
+    from offload._record import replace
 
     with pytest.raises(TypeError, match="concurrency"):
         WorkerOptions(concurrency=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_tasks"):
-        dataclasses.replace(WorkerOptions(), max_tasks=0)
+        replace(WorkerOptions(), max_tasks=0)
 
 
 def test_unknown_option_is_a_type_error_listing_the_options() -> None:

@@ -435,6 +435,25 @@ def test_fast_decoders_accept_the_usual_call_and_result() -> None:
     assert decode_common(memoryview(join(encode_body(result)))) == result
 
 
+def test_output_keeps_its_bytes_and_its_place_before_the_result() -> None:
+    """A server relays a call's output, then its result: the client reads them in that
+    order, each chunk byte for byte (binary, empty, larger than a chunk of a frame)."""
+    from offload.protocol import STDERR, STDOUT, Output
+
+    chunks = [
+        Output(call_id=5, stream=STDOUT, data=b"line 1\n"),
+        Output(call_id=5, stream=STDERR, data=bytes(range(256))),
+        Output(call_id=5, stream=STDOUT, data=b""),
+        Output(call_id=5, stream=STDOUT, data=b"z" * BIG),
+        Result(call_id=5, status=0, payload=b"value"),
+    ]
+    receiver, sender = pair()  # the direction does not matter to the connection
+    feed(receiver, [chunk for msg in chunks for chunk in sender.send(msg)])
+    got = [receiver.next_event() for _ in chunks]
+    assert got == chunks
+    assert receiver.next_event() is NEED_DATA
+
+
 # -- goodbye and closed connections -------------------------------------------------------
 
 
@@ -593,7 +612,7 @@ def sample_stream() -> tuple[bytes, list[Message]]:
         Call(call_id=1, kind=1, timeout=0.0, target="täsk", payload=b"args", buffers=(b"b" * BIG,)),
         Ping(seq=3),
         Result(call_id=1, status=0, payload=b"r" * BIG),
-        ChannelData(channel_id=2, raw=1, payload=b"", buffers=()),
+        ChannelData(call_id=1, channel_id=2, kind=1, buffers=(b"x", b"", b"y" * BIG)),
         Cancel(call_id=2),
         Goodbye(reason="fin"),
     ]

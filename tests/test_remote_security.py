@@ -836,7 +836,6 @@ def test_malformed_sealed_frame_drops_the_connection(plain: Served, kind: str) -
         p.Result(call_id=1, status=p.OK, payload=pickle.dumps(1)),
         p.Status(json="{}"),
         p.Progress(call_id=1, payload=b"x"),
-        p.ChannelData(channel_id=1, raw=1, payload=b"x"),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -1072,7 +1071,7 @@ def test_impostor_server_is_refused_before_anything_is_unpickled(tmp_path: Path,
             p.Result(call_id=1, status=p.OK, payload=h.marker_pickle(marker)),
             p.Result(call_id=1, status=p.RAISED, payload=h.marker_pickle(marker, shell=True)),
             p.Progress(call_id=1, payload=h.marker_pickle(marker)),
-            p.ChannelData(channel_id=1, raw=0, payload=h.marker_pickle(marker)),
+            p.ChannelData(call_id=1, channel_id=1, kind=p.OBJECT, payload=h.marker_pickle(marker)),
         ]
         chunks = conn.hello()
         for msg in msgs:

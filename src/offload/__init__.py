@@ -22,35 +22,42 @@ if TYPE_CHECKING:
 
     from offload.actor import Actor as Actor
     from offload.actor import ActorHandle as ActorHandle
-    from offload.client.future import (
-        Cancelled as Cancelled,
-    )
-    from offload.client.future import (
-        Failed as Failed,
-    )
+    from offload.client.channels import channel as channel
     from offload.client.future import (
         Future as Future,
-    )
-    from offload.client.future import (
-        Raised as Raised,
-    )
-    from offload.client.future import (
-        Success as Success,
-    )
-    from offload.client.future import (
-        Working as Working,
     )
     from offload.client.future import (
         as_completed as as_completed,
     )
     from offload.client.pool import Pool as Pool
-    from offload.client.pool import PoolStats as PoolStats
+    from offload.client.status import (
+        Cancelled as Cancelled,
+    )
+    from offload.client.status import (
+        Failed as Failed,
+    )
+    from offload.client.status import PoolStats as PoolStats
+    from offload.client.status import (
+        Raised as Raised,
+    )
+    from offload.client.status import (
+        Success as Success,
+    )
+    from offload.client.status import (
+        Working as Working,
+    )
     from offload.client.worker import Worker as Worker
     from offload.client.worker import connect as connect
     from offload.client.worker import delegate as delegate
     from offload.client.worker import spawn as spawn
     from offload.errors import (
         AuthenticationError as AuthenticationError,
+    )
+    from offload.errors import (
+        ChannelClosed as ChannelClosed,
+    )
+    from offload.errors import (
+        ChannelTimeout as ChannelTimeout,
     )
     from offload.errors import (
         ConnectionLost as ConnectionLost,
@@ -106,15 +113,15 @@ _EXPORTS = {
     "Actor": "offload.actor",
     "ActorHandle": "offload.actor",
     "Future": "offload.client.future",
-    "Working": "offload.client.future",
-    "Success": "offload.client.future",
-    "Raised": "offload.client.future",
-    "Failed": "offload.client.future",
-    "Cancelled": "offload.client.future",
+    "Working": "offload.client.status",
+    "Success": "offload.client.status",
+    "Raised": "offload.client.status",
+    "Failed": "offload.client.status",
+    "Cancelled": "offload.client.status",
     "as_completed": "offload.client.future",
     "Worker": "offload.client.worker",
     "Pool": "offload.client.pool",
-    "PoolStats": "offload.client.pool",
+    "PoolStats": "offload.client.status",
     "spawn": "offload.client.worker",
     "delegate": "offload.client.worker",
     "connect": "offload.client.worker",
@@ -125,10 +132,13 @@ _EXPORTS = {
     "Task": "offload.tasks",
     "task": "offload.tasks",
     "report": "offload.worker.execution",
+    "channel": "offload.client.channels",
     **{
         name: "offload.errors"
         for name in (
             "AuthenticationError",
+            "ChannelClosed",
+            "ChannelTimeout",
             "ConnectionLost",
             "ExecutionError",
             "LockTimeout",
@@ -154,6 +164,8 @@ __all__ = [
     "ActorHandle",
     "AuthenticationError",
     "Cancelled",
+    "ChannelClosed",
+    "ChannelTimeout",
     "ConnectionLost",
     "ExecutionError",
     "Failed",
@@ -180,6 +192,7 @@ __all__ = [
     "Working",
     "__version__",
     "as_completed",
+    "channel",
     "connect",
     "delegate",
     "init",
@@ -193,9 +206,12 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'offload' has no attribute {name!r}")
-    import importlib
+    import sys
 
-    value = getattr(importlib.import_module(module), name)
+    # __import__, not importlib.import_module: importlib is one more import for a fresh
+    # program (and __import__ returns the top package: the module is in sys.modules).
+    __import__(module)
+    value = getattr(sys.modules[module], name)
     globals()[name] = value
     return value
 

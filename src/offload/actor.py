@@ -77,9 +77,9 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
+from offload._record import replace
 from offload.client import lifetime, outcome
 from offload.client.engine import Engine
 from offload.client.future import Future

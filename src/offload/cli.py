@@ -1,10 +1,12 @@
-"""The ``offload`` command: ``serve``, ``ping`` and ``status``.
+"""The ``offload`` command: ``serve``, ``ping``, ``status`` and ``replay``.
 
 Exit statuses of ``offload serve``: 0 after a clean stop (SIGTERM or Ctrl-C, every
 running call finished within ``--drain-timeout``), 3 when calls had to be killed at the
 drain deadline, 2 for a usage or configuration error (e.g. a non-loopback address with no
 token), 1 when the server could not start (address in use, bad certificate).
-``ping``/``status``: 0 on an answer, 1 otherwise.
+``ping``/``status``: 0 on an answer, 1 otherwise. ``replay``: 0 when the call returned,
+2 when FILE is no crash dump; otherwise, in this process, what the call did to it (1
+with the traceback of an exception, or death by its signal), and with ``--worker`` 1.
 """
 
 from __future__ import annotations
@@ -94,6 +96,27 @@ def _query(args: argparse.Namespace, status: bool) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    """``offload replay [--worker] FILE``: run a call saved by ``OFFLOAD_DUMP_DIR`` again
+    (see :mod:`offload.replay`). In this process, whatever the call raises propagates:
+    ``python -m pdb -m offload replay FILE`` stops there."""
+    from offload import dumpfile
+    from offload.replay import replay_here, replay_in_worker
+
+    try:
+        dump = dumpfile.read(args.file)
+    except (OSError, ValueError) as exc:  # unreadable, or not a crash dump
+        print(f"offload replay: {exc}", file=sys.stderr)
+        return 2
+    if not args.worker:
+        return replay_here(dump)
+    try:
+        return replay_in_worker(dump, start_method=args.start_method)
+    except (OffloadError, ValueError, TypeError) as exc:  # no worker could start
+        print(f"offload replay: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``offload`` console script."""
     parser = argparse.ArgumentParser(prog="offload", description=__doc__.splitlines()[0])
@@ -161,7 +184,26 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--timeout", type=float, default=10.0)
         _add_tls(q)
 
+    p_replay = sub.add_parser(
+        "replay",
+        help="run a call saved in OFFLOAD_DUMP_DIR again (in this process, or a fresh worker)",
+    )
+    p_replay.add_argument("file", help="a crash dump (crash-*.offload-dump)")
+    p_replay.add_argument(
+        "--worker",
+        action="store_true",
+        help="run it in a fresh worker with the dumped options and print the outcome",
+    )
+    p_replay.add_argument(
+        "--start-method",
+        default=None,
+        help="with --worker: start the worker this way instead (e.g. attach, to start it "
+        "by hand under a debugger)",
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "replay":  # the call's own errors propagate (pdb post mortem)
+        return _replay(args)
     try:
         if args.command == "serve":
             return serve(args)

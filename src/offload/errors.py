@@ -15,6 +15,8 @@
     ├── ProtocolError                the peer broke the wire protocol
     │   └── VersionMismatch          the two sides run different offload/protocol/Python versions
     ├── AuthenticationError          wrong or missing token, TLS failure
+    ├── ChannelClosed                a channel end closed, or handed to a call
+    ├── ChannelTimeout               also a builtin TimeoutError; rx.recv(timeout) got nothing
     └── LockTimeout                  also a builtin TimeoutError; offload.Lock not acquired in time
 
 A task's *own* exception is never wrapped: ``Future.result()`` re-raises it as itself, with
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthenticationError",
+    "ChannelClosed",
+    "ChannelTimeout",
     "ConnectionLost",
     "ExecutionError",
     "LockTimeout",
@@ -297,6 +301,26 @@ class VersionMismatch(ProtocolError):
 
 class AuthenticationError(OffloadError):
     """The peer did not prove the shared token, or TLS failed."""
+
+
+class ChannelClosed(OffloadError):
+    """A channel end cannot be used: you closed it, or handed it to a call (a sender
+    given to a call sends from there; a receiver given to a call receives there until
+    that call ends); or the channel's receiver is gone."""
+
+
+class ChannelTimeout(OffloadError, TimeoutError):
+    """``rx.recv(timeout=...)`` found no item within ``timeout`` seconds (the channel
+    stays open: receive again). Also a builtin ``TimeoutError``.
+
+    Attributes:
+        timeout: how long it waited, in seconds.
+    """
+
+    timeout: float
+
+    def __init__(self, message: str = "", *, timeout: float = 0.0) -> None:
+        super().__init__(message, timeout=timeout)
 
 
 class LockTimeout(OffloadError, TimeoutError):

@@ -3,27 +3,45 @@ arguments into a :class:`~offload.client.slot.CallRecord` (or fails the future a
 with a SerializationError naming what could not be pickled, when they cannot travel).
 
 A module-level function travels by reference, in its own field (pickled once here,
-looked up once by the worker); anything else (a lambda, a closure, a function of
-``__main__``) travels by value with its arguments. A task name travels as the target.
+looked up once by the worker); a lambda, a closure or a function of ``__main__`` travels
+by value in that same field, pickled again only when what it captures changed (see
+:mod:`offload.client.by_value`); anything else (a callable object, a partial) travels by
+value with its arguments. A task name travels as the target.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any
 
 from offload import protocol as p
 from offload.client import outcome
+from offload.client.by_value import function_by_value
 from offload.client.future import Future
 from offload.client.scheduler import Scheduler
 from offload.client.slot import CallRecord
 from offload.serde import culprit, dumps, function_reference, type_name
 from offload.transport.channel import in_dispatch
 
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any
+
 # Pickled arguments of the calls waiting in the parent's queue, in bytes, beyond which
 # submit() waits for calls to go out to workers: a flood of submissions of large
 # arguments must not hold them all in memory at once (a single call always gets in).
 MAX_QUEUED_BYTES = 64 << 20
+
+
+class _NoChannels:
+    """The collector of channel ends while offload.client.channels is not imported:
+    none can be found."""
+
+    active = False
+    found = None
+
+
+_NO_CHANNELS = _NoChannels()
 
 
 def encode_call(
@@ -43,6 +61,11 @@ def encode_call(
     target = ""
     kind = p.BY_VALUE
     function = b""
+    # offload.client.channels makes every channel end, so before it is imported no call
+    # can hold one: a program without channels does not import it (nor typing with it).
+    channels = sys.modules.get("offload.client.channels")
+    collector = _NO_CHANNELS if channels is None else channels.collector
+    collector.active = True  # channel ends among the arguments note themselves
     try:
         if isinstance(fn, str):
             kind = p.BY_NAME
@@ -50,17 +73,28 @@ def encode_call(
             data, buffers = dumps((args, kwargs))
         else:
             target = getattr(fn, "__qualname__", "") + "(...)"
-            function = function_reference(fn)
+            # By reference if importable, else by value, remembered while what it
+            # captures is unchanged (see offload.client.by_value); b"" if neither.
+            function = function_reference(fn) or function_by_value(fn)
             if function:
                 data, buffers = dumps((args, kwargs))
             else:
                 data, buffers = dumps((fn, args, kwargs))
     except BaseException as exc:  # noqa: BLE001 - SystemExit from __reduce__ included
+        collector.active = False
+        collector.found = None  # the call never goes: its ends stay where they were
         err = outcome.unpicklable_argument(
             outcome.describe_call(fn, args, kwargs), culprit((fn, args, kwargs)), exc
         )
         future._resolve_exception(err, task_raised=False)
         return None
+    collector.active = False
+    ends = collector.found
+    if ends is not None:  # the call holds them until its future resolves
+        collector.found = None
+        from offload.client.channels import bind  # loaded: it made the ends
+
+        bind(ends, call_id, future)
     size = len(data) + len(function)
     if buffers:
         size += sum(b.nbytes for b in buffers)

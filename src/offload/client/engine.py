@@ -16,15 +16,14 @@ slots report through the :class:`~offload.client.slot.SlotHost` protocol.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import logging
 import os
 import threading
 from collections.abc import Iterable
-from typing import Any
 
 from offload import protocol as p
+from offload._record import replace
 from offload.client import lifetime, outcome
 from offload.client.call import QueueBudget, encode_call
 from offload.client.future import Future
@@ -48,10 +47,14 @@ from offload.client.slot import (
     SlotFactory,
     WorkerSlot,
 )
-from offload.errors import OffloadError
+from offload.errors import OffloadError, WorkerCrashed
 from offload.process.child import KILL_GRACE
 from offload.serde import loads
 from offload.transport.loop import Loop, Timer, get_loop
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("offload")
 log.addHandler(logging.NullHandler())  # a library stays quiet unless configured
@@ -184,7 +187,12 @@ class Engine:
         )
         if record is None:
             return future  # failed already: the arguments could not travel
-        self._schedule_new(record, wait=wait)
+        try:
+            self._schedule_new(record, wait=wait)
+        except RuntimeError:
+            # Never to run: a channel end it holds must not wait for it to end.
+            future._cancel_now(force=True)
+            raise
         return future
 
     @property
@@ -426,6 +434,18 @@ class Engine:
         if err is not None:
             raise err
 
+    def running_calls(self, slot: int, gen: int) -> list[CallRecord]:
+        """The calls that process ``gen`` of ``slot`` runs now: the first ``capacity``
+        of those sent to it (a worker runs its calls in the order they were sent); none
+        once that process is no longer the slot's. Any thread."""
+        with self.lock:
+            state = self.scheduler.slots[slot]
+            if state.gen != gen:
+                return []
+            records = self.records
+            running = itertools.islice(state.outstanding, state.capacity)
+            return [record for call_id in running if (record := records.get(call_id))]
+
     def stop_keeping_warm(self) -> None:
         """From now on start a slot's worker only when a call needs it (a worker handle
         after its first start: it restarts lazily, on the next call)."""
@@ -501,6 +521,14 @@ class Engine:
         for record, msg in expected:
             sink = record.sink
             if sink is None:
+                if msg.status == p.FAILED:  # a worker server's own error: a crash there?
+                    self._save_crashed(
+                        record,
+                        outcome.result_error(
+                            msg, call=outcome.describe(record), worker=proc.name, pid=proc.pid
+                        ),
+                        proc.slot,
+                    )
                 done += outcome.deliver(record, msg, worker=proc.name, pid=proc.pid)
             else:  # relayed: one write per sink for the whole batch
                 done += 1
@@ -531,6 +559,29 @@ class Engine:
             )
             return
         record.future._set_progress(value)
+
+    def on_channel(self, msg: p.Message) -> None:
+        """A channel message from a call: to the relay that sent the call, or to the
+        channel's hub here (:mod:`offload.client.channels`)."""
+        record = self.records.get(msg.call_id)  # type: ignore[attr-defined]
+        if record is not None and record.sink is not None:
+            record.sink.call_channel(msg)
+            return
+        from offload.client.channels import route
+
+        route(msg)
+
+    def send_channel(self, call_id: int, msgs: list[p.Message]) -> bool:
+        """Send channel messages to the worker running ``call_id``, after what was sent
+        to it already; False if the call is not on a worker (any more). Any thread."""
+        entry = self.scheduler.calls.get(call_id)
+        slot = entry.slot if entry is not None else None
+        if slot is None:
+            return False
+        channel = getattr(self.current.get(slot), "channel", None)
+        if channel is None:
+            return False
+        return bool(channel.enqueue(msgs) and channel.flush())
 
     def worker_failed(self, proc: WorkerSlot, reason: str, detail: str) -> None:
         """Kill a worker the engine gave up on (unresponsive, over memory)."""
@@ -578,7 +629,7 @@ class Engine:
         with self.lock:
             sent = self._signalled.pop(info.pid, None) if info.pid is not None else None
             if sent is not None and sent == info.signal and not info.detail:
-                info = dataclasses.replace(info, detail=f"pool.kill() sent it {sent}")
+                info = replace(info, detail=f"pool.kill() sent it {sent}")
             self.procs.pop((proc.slot, proc.gen), None)
             if self.current.get(proc.slot) is proc:
                 del self.current[proc.slot]
@@ -750,10 +801,30 @@ class Engine:
             with self._stats_lock:
                 self.stats_failed += 1
             error = self._error_for(record, res)
+            if res.outcome is Outcome.CRASHED:
+                self._save_crashed(record, error, res.slot)
             if sink is not None:
                 sink.call_done(res.call_id, error)
             else:
                 record.future._resolve_exception(error, task_raised=False)
+
+    def _save_crashed(
+        self, record: CallRecord, error: BaseException | None, slot: int | None
+    ) -> None:
+        """With ``OFFLOAD_DUMP_DIR`` set, save a call that crashed its worker (on
+        ``slot``) for ``offload replay``; before its future fails, so that the file is
+        there once it has."""
+        if not isinstance(error, WorkerCrashed) or not os.environ.get("OFFLOAD_DUMP_DIR"):
+            return
+        from offload.client.dumps import save_crashed_call  # only ever on a crash
+
+        remote = slot is not None and slot in self.independent
+        where = self.names[slot] if remote and slot is not None else None
+        try:
+            description = outcome.describe(record)
+        except Exception:  # noqa: BLE001 - an argument's __repr__ failing stops no dump
+            description = record.target
+        save_crashed_call(record, error, self.options, description, where=where)
 
     def _error_for(self, record: CallRecord, res: Resolve) -> OffloadError:
         other = self.records.get(res.cause) if isinstance(res.cause, int) else None

@@ -18,51 +18,31 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
 
+from offload.client.waiting import (
+    FINAL_CONDITION,
+    NO_WAITERS,
+    Waiters,
+    await_future,
+    batched_handover,
+)
 from offload.errors import ExecutionError
 from offload.transport.channel import in_dispatch
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any, Protocol, TypeVar
+
+    from offload.client.status import Status
+
+    T = TypeVar("T")
+else:
+    Protocol = object  # the protocols below are for type checkers only
 log = logging.getLogger("offload")
 _progress_lock = threading.Lock()  # guards every future's progress-callback list
 _condition_lock = threading.Lock()  # makes each future's Condition exactly once
 _NONE: tuple[Any, ...] = ()
 
-
-@dataclass(frozen=True, slots=True)
-class Working:
-    """The call is queued or running."""
-
-
-@dataclass(frozen=True, slots=True)
-class Success(Generic[T]):
-    """The call returned ``value``."""
-
-    value: T
-
-
-@dataclass(frozen=True, slots=True)
-class Raised:
-    """The task raised ``exception`` (re-raised by ``result()`` as itself)."""
-
-    exception: BaseException
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """The call did not complete for a reason outside the task: ``error`` says which."""
-
-    error: ExecutionError
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    """The call was cancelled before it started."""
-
-
-Status = Working | Success[Any] | Raised | Failed | Cancelled
 
 # Waiting for a future that is not done in time raises the builtin TimeoutError on every
 # Python version, as the docstrings promise. From 3.11 on, concurrent.futures raises it
@@ -186,7 +166,9 @@ _LIGHT_INIT = (
 )
 
 
-class Future(concurrent.futures.Future[T]):
+# "T": the type variable exists for type checkers only (typing is not imported here);
+# Future[int] still works at run time (concurrent.futures.Future's __class_getitem__).
+class Future(concurrent.futures.Future["T"]):
     """The pending result of a call in another process. Always resolves.
 
     Besides everything ``concurrent.futures.Future`` offers, it can be awaited from any
@@ -237,13 +219,23 @@ class Future(concurrent.futures.Future[T]):
         submissions keeps tens of thousands of futures pending that nobody waits on yet.
         """
         cond = self._cond
+        if cond is None and self._state in _DONE:
+            # Finished before anyone took its lock: its state never changes again, so
+            # there is nothing to lock or notify (see offload.client.waiting). What
+            # concurrent.futures.wait does to each future then costs no allocation.
+            with _condition_lock:
+                cond = self._cond
+                if cond is None:
+                    self._waiters = NO_WAITERS  # type: ignore[assignment]
+                    cond = self._cond = FINAL_CONDITION
+            return cond
         if cond is None:
             # Allocate before taking the module-wide lock, never while holding it: any
             # allocation may run the garbage collector, and with it a finalizer (an
             # abandoned map's generator cancelling its futures) that needs this very
             # lock on this very thread. Under the lock only existing fields change.
             new_cond = _FutureCondition()
-            waiters: list[Any] = []
+            waiters = Waiters.of(self)  # concurrent.futures.wait's waiters may pump
             callbacks: list[Any] = []
             with _condition_lock:
                 cond = self._cond
@@ -267,6 +259,9 @@ class Future(concurrent.futures.Future[T]):
 
     def status(self) -> Status:
         """Where the call is now, without blocking."""
+        # Imported when first asked for (dataclasses: see offload.client.status).
+        from offload.client.status import Cancelled, Failed, Raised, Success, Working
+
         if not self.done():
             return Working()
         if self.cancelled():
@@ -288,7 +283,7 @@ class Future(concurrent.futures.Future[T]):
             concurrent.futures.CancelledError: the call was cancelled.
         """
         if _LIGHT_INIT and self._state == _FINISHED and self._exception is None:
-            return cast(T, self._result)  # set before the state
+            return self._result  # type: ignore[return-value]  # set before the state
         if not self.done():
             self._before_wait(timeout)
         if _TIMEOUT_IS_BUILTIN:
@@ -411,12 +406,20 @@ class Future(concurrent.futures.Future[T]):
 
     # -- asyncio -------------------------------------------------------------------------
 
-    def __await__(self) -> Generator[Any, None, T]:
-        # Imported here: asyncio costs a worker server started over ssh ~20% of its
-        # imports, and only awaiting code needs it (it has imported it already).
-        import asyncio
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
+        """Call ``fn(future)`` once the future is done (at once if it is already).
 
-        return asyncio.wrap_future(self).__await__()
+        As ``concurrent.futures.Future.add_done_callback``, except that asyncio's
+        hand-over of this future to an event loop (``loop.run_in_executor``,
+        ``asyncio.wrap_future``) wakes that loop once per batch of results rather than
+        once per future (see :mod:`offload.client.waiting`).
+        """
+        super().add_done_callback(batched_handover(self, fn))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        # Wakes the event loop once per batch of results, not once per future (see
+        # offload.client.waiting); asyncio is imported there, when first awaited.
+        return await_future(self)
 
     # -- resolution (used by the client) -------------------------------------------------
 

@@ -16,7 +16,12 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Protocol
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # the protocol below is for type checkers only
 
 # At exit, how long the workers of each engine get to exit after its calls are done.
 EXIT_STOP_TIMEOUT = 5.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
 
 from offload import protocol as p
 from offload.client import outcome
@@ -23,8 +22,12 @@ from offload.process.launch import LaunchSpec, launch
 from offload.serde import dumps, type_name
 from offload.transport.channel import Channel
 from offload.transport.loop import Timer
+from offload.worker.settings import SHARED_MEMORY
 
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
 if TYPE_CHECKING:
+    from typing import Any
+
     from offload.client.future import Future
     from offload.protocol.messages import CallFields
 
@@ -37,6 +40,13 @@ class LocalSlot(ChannelSlot):
     Lives on the I/O loop: every method but :meth:`send_calls`, :meth:`kill` and
     :meth:`stop` runs on the loop thread.
     """
+
+    # Read the worker's stdout through a pipe whatever the ``stdout`` option (a worker
+    # server's slots relay it to the client whose call printed it).
+    pipe_stdout = False
+    # Buffers this large go through shared memory between this process and the worker,
+    # both ways (offload.transport.shared); 0: none do.
+    shared_memory = SHARED_MEMORY
 
     def __init__(self, host: SlotHost, slot: int, gen: int, name: str) -> None:
         self.host = host
@@ -98,7 +108,8 @@ class LocalSlot(ChannelSlot):
             umask=opts.umask,
             stdout=opts.stdout,
             stderr=opts.stderr,
-            settings=settings_for_worker(opts),
+            pipe_stdout=self.pipe_stdout,
+            settings=settings_for_worker(opts).replace(shared_memory=self.shared_memory),
         )
         try:
             self.child, sock = launch(spec, self.loop, self._on_exit)
@@ -121,6 +132,7 @@ class LocalSlot(ChannelSlot):
                 max_message_size=opts.max_message_size,
             )
             self.channel = Channel(sock, conn, self.loop)
+            self.channel.share_memory(spec.settings.shared_memory)
             self.channel.on_messages = self._on_messages
             self.channel.on_close = self._on_channel_close
             self.channel.start()
@@ -189,6 +201,8 @@ class LocalSlot(ChannelSlot):
                 self._initialized(msg)
             case p.Progress():
                 self.host.on_progress(msg)
+            case p.ChannelData() | p.ChannelCredit() | p.ChannelClose():
+                self.host.on_channel(msg)
             case p.Hello():
                 self._handshake_done()
             case p.Pong() | p.Goodbye():

@@ -23,19 +23,25 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import operator
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, TypeVar
 
-from offload.transport.net import TLS, Address, parse_address
-from offload.transport.ssh import SSH
+from offload._lazy import instance_of
+from offload._record import field, fields, record, replace  # not dataclasses: see there
 from offload.worker.settings import WorkerSettings
 
-START_METHODS = ("spawn", "forkserver", "fork", "reexec")
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, TypeVar
+
+    # Imported where used: a program with only local workers never needs them (net
+    # imports ssl).
+    from offload.transport.net import Address
+    from offload.transport.ssh import SSH
+
+START_METHODS = ("spawn", "forkserver", "fork", "reexec", "attach")
 STDIO_MODES = ("inherit", "devnull", "prefix")
 SHUTDOWN_ON = ("parent_exit", "heartbeat_timeout", "explicit")
 ISOLATIONS = ("pool", "process", "inline")
@@ -112,8 +118,11 @@ def check_seconds(
         accepts += " or None"
     if value is None and none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{option} must be {accepts}, got {_got(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        import numbers  # only for other real numbers (Fraction, NumPy's), not at start-up
+
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{option} must be {accepts}, got {_got(value)}")
     number = float(value)
     if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
         raise ValueError(f"{option} must be {accepts}, got {value!r}")
@@ -206,6 +215,8 @@ def check_address(option: str, value: object) -> Address:
         raise TypeError(f"{option} must be {accepts}, got {_got(value)}")
     if not value.strip() or "\0" in value:
         raise ValueError(f"{option} must be {accepts}, got {value!r}")
+    from offload.transport.net import parse_address
+
     try:
         return parse_address(value)
     except ValueError as exc:
@@ -233,6 +244,8 @@ def check_tls(option: str, value: object) -> None:
     """
     if value is None:
         return
+    from offload.transport.net import TLS
+
     if not isinstance(value, TLS):
         raise TypeError(f"{option} must be an offload.TLS or None, got {_got(value)}")
     for name in ("ca", "cert", "key"):
@@ -307,8 +320,13 @@ def _check_start_method(value: object) -> str:
 
 
 def _check_where(value: object) -> str | SSH | None:
-    if value is None or isinstance(value, SSH):  # an SSH record checked itself when made
-        return value
+    if value is None:
+        return None
+    if instance_of(value, "offload.transport.ssh", "SSH"):
+        from offload.transport.ssh import SSH  # loaded already: value is one
+
+        assert isinstance(value, SSH)
+        return value  # an SSH record checked itself when made
     if not isinstance(value, str):
         raise TypeError(
             f"where must be None (a local worker), a worker server's address as a str "
@@ -319,7 +337,7 @@ def _check_where(value: object) -> str | SSH | None:
     return value
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WorkerOptions:
     """Every option a worker takes; see :func:`offload.spawn`.
 
@@ -334,7 +352,9 @@ class WorkerOptions:
     ``DeprecationWarning: This process (pid=N) is multi-threaded, use of fork() may
     lead to deadlocks in the child`` (hidden by Python's default filters outside
     ``__main__``; dropped silently where warnings are errors). Prefer ``"forkserver"``
-    for the same fast starts without forking threads.
+    for the same fast starts without forking threads. ``"attach"`` starts nothing: it
+    prints the command that starts a worker by hand (for debugging, see
+    :mod:`offload.client.attach`) and waits ``start_timeout`` for it to connect.
 
     Raises:
         TypeError: an option of the wrong type (the message names it and what it accepts).
@@ -429,7 +449,7 @@ class WorkerOptions:
         return replace(self, name=name or next_worker_name())
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ActorOptions(WorkerOptions):
     """The options of an actor (SPEC section 8): the worker options, plus where it
     listens for the other holders of its handle and where its handle is written.
@@ -462,7 +482,7 @@ class ActorOptions(WorkerOptions):
                 f"an actor cannot run on the worker server {self.where!r} (a server runs "
                 "each call in a process of its choosing); start it locally (where=None)"
             )
-        if isinstance(self.where, SSH):
+        if instance_of(self.where, "offload.transport.ssh", "SSH"):
             if self.shutdown_on == "explicit":
                 raise ValueError(
                     "shutdown_on='explicit' cannot apply to an actor over ssh: its process "
@@ -504,17 +524,18 @@ def make_options(**kwargs: Any) -> WorkerOptions:
     return _build(WorkerOptions, "worker", kwargs)
 
 
-_Options = TypeVar("_Options", bound=WorkerOptions)
+if TYPE_CHECKING:
+    _Options = TypeVar("_Options", bound=WorkerOptions)
 
 
 def _build(cls: type[_Options], kind: str, kwargs: Mapping[str, Any]) -> _Options:
     """``cls(**kwargs)``, with a TypeError that names the ``kind`` of option (``"worker"``,
     ``"actor"``) and lists them all for a name that is not one of them."""
-    unknown = set(kwargs) - set(cls.__dataclass_fields__)
+    unknown = set(kwargs) - set(fields(cls))
     if unknown:
         raise TypeError(
             f"unknown {kind} option(s): {', '.join(sorted(unknown))} (the options are: "
-            f"{', '.join(cls.__dataclass_fields__)})"
+            f"{', '.join(fields(cls))})"
         )
     return cls(**kwargs)
 
@@ -550,7 +571,7 @@ def check_pool_args(
             raise TypeError(f"hosts must be {accepts}, got {_got(hosts)}")
         host_list = list(hosts)
         for i, host in enumerate(host_list):
-            if isinstance(host, SSH):
+            if instance_of(host, "offload.transport.ssh", "SSH"):
                 continue
             if not isinstance(host, str):
                 raise TypeError(
@@ -559,7 +580,9 @@ def check_pool_args(
                 )
             check_address(f"hosts[{i}]", host)
     check_int("workers_per_host", workers_per_host, minimum=1, none=True)
-    if workers_per_host is not None and not any(isinstance(h, SSH) for h in host_list):
+    if workers_per_host is not None and not any(
+        instance_of(h, "offload.transport.ssh", "SSH") for h in host_list
+    ):
         raise ValueError(
             "workers_per_host applies to hosts started over ssh (offload.SSH(...)); a "
             "worker server given by address runs as many workers as it was started with"
@@ -621,6 +644,8 @@ def check_server_args(
     if token is not ... and not isinstance(token, bytes):
         raise TypeError(f"token must be bytes, got {type(token).__name__}")
     check_tls("tls", tls)
+    from offload.transport.net import TLS  # a server imports it anyway
+
     if isinstance(tls, TLS) and tls.cert is None:
         raise ValueError("tls: a TLS server needs cert= (and key=)")
     check_int("workers", workers, minimum=1, none=True)

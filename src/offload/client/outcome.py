@@ -17,7 +17,6 @@ clock), so every sentence can be tested on its own. What happened comes in as:
 from __future__ import annotations
 
 import reprlib
-from typing import Any
 
 from offload import protocol as p
 from offload.client.scheduler import Outcome
@@ -38,6 +37,10 @@ from offload.errors import (
     likely_cause,
 )
 from offload.serde import loads, type_name
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -96,7 +99,9 @@ def _ended(info: ExitInfo, message: str) -> WorkerCrashed:
         hint = info.detail or likely_cause(info.signal, info.exitcode)
         if hint:
             message += f"; {hint}"
-    message += _stderr_clause(info.stderr_tail, "; it wrote nothing to stderr")
+    message += _stderr_clause(
+        info.stderr_tail, "; it wrote nothing to stderr" if info.stderr_seen else ""
+    )
     return WorkerCrashed(
         message,
         pid=info.pid,

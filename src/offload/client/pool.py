@@ -10,7 +10,6 @@ spread over every worker.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import itertools
@@ -23,8 +22,6 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
 
 from offload.client.engine import Engine
 from offload.client.future import Future
@@ -33,13 +30,18 @@ from offload.client.slot import WorkerSlot
 from offload.client.worker import Submitter, call_settings, remote_target, slot_factory
 from offload.errors import RemoteError, RemoteTraceback
 from offload.process.child import signal_if_ours
-from offload.transport.net import TLS
-from offload.transport.ssh import SSH
-from offload.worker.batch import fold_chunk, run_chunk
 
-P = ParamSpec("P")
-T = TypeVar("T")
-V = TypeVar("V")
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any, ParamSpec, TypeVar
+
+    from offload.client.status import PoolStats
+    from offload.transport.net import TLS
+    from offload.transport.ssh import SSH
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
+    V = TypeVar("V")
 
 log = logging.getLogger("offload")
 
@@ -54,21 +56,6 @@ _MAX_LEARNED = 256
 _MAX_INFLIGHT_ITEMS = 4 * _MAX_CHUNK
 # How long kill(SIGKILL) waits to see its workers' exits.
 _KILL_WAIT = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """A snapshot of a pool (``Pool.stats()``)."""
-
-    workers: int
-    busy: int
-    idle: int
-    starting: int
-    queued: int
-    running: int
-    done: int
-    failed: int
-    restarts: int
 
 
 class Pool(Submitter, concurrent.futures.Executor):
@@ -345,6 +332,8 @@ class Pool(Submitter, concurrent.futures.Executor):
         engine.check_owner()
         with engine.lock:
             counts = engine.scheduler.counts()
+        from offload.client.status import PoolStats  # dataclasses: imported when asked
+
         return PoolStats(
             workers=self._workers,
             busy=counts.busy,
@@ -474,6 +463,8 @@ class Pool(Submitter, concurrent.futures.Executor):
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        import asyncio  # only here: importing asyncio costs a fresh program ~30 ms
+
         kill = exc_type is not None and (
             not issubclass(exc_type, Exception) or issubclass(exc_type, asyncio.CancelledError)
         )
@@ -633,6 +624,9 @@ class _MapRun:
                 return
             # Calls carry the task's per-call timeout, scaled by the chunk's length.
             timeout = None if self.call_timeout is None else self.call_timeout * len(chunk)
+            # Imported by the first map: a program that only submits never needs it.
+            from offload.worker.batch import fold_chunk, run_chunk
+
             call: Callable[..., Any] = run_chunk
             args: tuple[Any, ...] = (self.fn, chunk, self.star)
             if self.reduce_fn is not None:  # the worker folds the chunk into one partial
@@ -713,7 +707,7 @@ class _MapRun:
                 self.bar.close()
 
 
-class MapIterator(Iterator[T]):
+class MapIterator(Iterator["T"]):  # "T": a type variable for type checkers only
     """What :meth:`Pool.map` and :meth:`Pool.imap_unordered` return: an iterator over
     the results that also has ``close()`` (stop: the calls not sent yet never run).
 

@@ -2,6 +2,10 @@
 engine like a local process does (:class:`RemoteSlot`, a
 :class:`~offload.client.slot.WorkerSlot`).
 
+What the process running a call prints comes back as ``Output`` messages before the
+call's Result, and is passed on as the caller's ``stdout``/``stderr`` options say
+(:mod:`offload.client.output`).
+
 The server runs each call in a process of its own, so one call can be killed (``Kill``)
 without touching the others: remote slots are *independent* in the scheduler. A lost
 connection or a silent heartbeat fails the calls that were running there with
@@ -31,6 +35,7 @@ from offload.transport.net import TLS, Address, client_handshake, connect, parse
 if TYPE_CHECKING:
     import socket
 
+    from offload.client.output import RelayedOutput
     from offload.client.slot import SlotHost
     from offload.protocol.auth import Sealer
     from offload.protocol.messages import CallFields
@@ -89,6 +94,10 @@ class RemoteSlot(ChannelSlot):
         self._lost_reason = "disconnected"
         self._lost_detail = ""
         self._finished = False
+        self._output: RelayedOutput | None = None  # made at the first Output
+        # The name the caller knows this worker by (the server's Hello renames the slot
+        # for errors): the ``prefix`` of relayed output, as a local worker's name is.
+        self._output_name = self.name
 
     @property
     def pid(self) -> int | None:
@@ -189,8 +198,14 @@ class RemoteSlot(ChannelSlot):
                 case p.Result():
                     self._sent.discard(msg.call_id)
                     results.append(msg)
+                    if self._output is not None:
+                        self._output.call_ended(msg.call_id)
+                case p.Output():
+                    self._relay_output(msg)
                 case p.Progress():
                     self.host.on_progress(msg)
+                case p.ChannelData() | p.ChannelCredit() | p.ChannelClose():
+                    self.host.on_channel(msg)
                 case p.Hello():
                     self._handshake_done(msg)
                 case p.Pong() | p.Status():
@@ -205,6 +220,21 @@ class RemoteSlot(ChannelSlot):
                         self.channel.abort()
         if results:
             self.host.on_results(self, results)
+
+    def _relay_output(self, msg: p.Output) -> None:
+        """Pass on what a call printed on the server, as our options say."""
+        output = self._output
+        if output is None:
+            from offload.client.output import RelayedOutput
+
+            output = self._output = RelayedOutput(*self.output_modes())
+        output.write(msg, self._output_name)
+
+    def output_modes(self) -> tuple[str, str]:
+        """The (stdout, stderr) modes the output of this slot's calls is passed on
+        with: the caller's options."""
+        opts = self.host.options
+        return opts.stdout, opts.stderr
 
     def _handshake_done(self, hello: p.Hello) -> None:
         self.server_pid = hello.pid
@@ -230,6 +260,8 @@ class RemoteSlot(ChannelSlot):
         self._timers.append(self.loop.call_later(interval, self._heartbeat))
 
     def _on_close(self, error: BaseException | None) -> None:
+        if self._output is not None:
+            self._output.close()
         if self._finished:
             return
         self._finished = True

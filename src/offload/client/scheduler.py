@@ -36,8 +36,12 @@ import enum
 import heapq
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+
+from offload._record import field, record  # not dataclasses: see offload._record
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any
 
 PIPELINE_SECONDS = 0.002  # work sent ahead to a worker running tiny calls
 MAX_PREFETCH = 256  # calls sent ahead per unit of a worker's capacity, at most
@@ -73,7 +77,7 @@ class Outcome(enum.Enum):
 # -- actions -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class StartWorker:
     """Start a process for ``slot``; report back with ``worker_ready``/``start_failed``."""
 
@@ -81,7 +85,7 @@ class StartWorker:
     gen: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class SendCalls:
     """Send these calls, in this order, to the process of ``slot``/``gen``."""
 
@@ -90,7 +94,7 @@ class SendCalls:
     call_ids: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class KillWorker:
     """Kill the process group of ``slot``/``gen`` now (its calls are already resolved)."""
 
@@ -99,7 +103,7 @@ class KillWorker:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class KillCall:
     """Stop one call without the slot's process: on an *independent* slot (a remote
     server runs each call in its own process), or a call sent ahead that has not started
@@ -110,7 +114,7 @@ class KillCall:
     call_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class StopWorker:
     """Ask the process of ``slot``/``gen`` to exit once idle (graceful)."""
 
@@ -118,7 +122,7 @@ class StopWorker:
     gen: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Resolve:
     """Fail (or cancel) a call; ``cause`` is what the driver passed with the event."""
 
@@ -135,7 +139,7 @@ Action = StartWorker | SendCalls | KillWorker | KillCall | StopWorker | Resolve
 # -- state ---------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class CallEntry:
     """The scheduler's view of one call."""
 
@@ -152,7 +156,7 @@ class CallEntry:
     withdrawn: bool = False
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Slot:
     """The scheduler's view of one worker slot."""
 
@@ -167,7 +171,7 @@ class Slot:
     retry_at: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Counts:
     """Scheduler counters, for ``stats()`` and ``repr``."""
 

@@ -25,28 +25,32 @@ and :class:`RawSink` (where a worker server's relayed calls end).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from offload import protocol as p
+from offload._record import field, record  # not dataclasses: see offload._record
 from offload.client.scheduler import CallEntry
 
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
 if TYPE_CHECKING:
+    from typing import Any, Literal, Protocol, TypeAlias
+
     from offload.client.future import Future
     from offload.client.options import WorkerOptions
     from offload.protocol.messages import CallFields
     from offload.transport.channel import Channel
     from offload.transport.loop import Loop
 
+    ExitReason: TypeAlias = Literal["exit", "signal", "unresponsive", "memory", "disconnected"]
+else:
+    Protocol = object  # the protocols below are for type checkers only
+
 # How long a waiting thread reads a worker's socket itself before leaving it to the
 # loop thread: long enough for a short call's answer, short enough that a result
 # resolved another way (timeout, kill) is noticed without delay worth measuring.
 PUMP_WINDOW = 0.002
 
-ExitReason = Literal["exit", "signal", "unresponsive", "memory", "disconnected"]
 
-
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ExitInfo:
     """How a worker ended, as its slot saw it (errors are made from it in
     :mod:`offload.client.outcome`).
@@ -60,6 +64,8 @@ class ExitInfo:
         stderr_tail: the last (at most 64 KiB) it wrote to stderr.
         detail: what the slot knows beyond that (a broken protocol, a lost status).
         remote: a connection to a worker server, not a local process.
+        stderr_seen: its stderr was read here (not so for a worker started by hand:
+            an empty ``stderr_tail`` then says nothing).
     """
 
     name: str
@@ -70,9 +76,10 @@ class ExitInfo:
     stderr_tail: str
     detail: str = ""
     remote: bool = False
+    stderr_seen: bool = True
 
 
-@dataclass(slots=True, kw_only=True)
+@record(slots=True, kw_only=True)
 class CallRecord(CallEntry):
     """One call: the scheduler's fields (CallEntry, which only the scheduler writes) and
     the engine's: its future and what to send. One object per call, so that a flood of
@@ -124,6 +131,14 @@ class RawSink(Protocol):
 
     def call_progress(self, msg: p.Progress) -> None:
         """A progress report of one of the calls, as the worker sent it."""
+
+    def call_channel(self, msg: p.Message) -> None:
+        """A channel message (ChannelData, ChannelClose, ChannelCredit) of one of the
+        calls, as the worker sent it."""
+
+    def call_output(self, call_id: int, stream: int, data: bytes) -> None:
+        """Bytes the process running call ``call_id`` wrote to ``stream`` (1: stdout,
+        2: stderr) while it ran (loop thread; must not block)."""
 
 
 class WorkerSlot(Protocol):
@@ -207,6 +222,9 @@ class SlotHost(Protocol):
 
     def on_progress(self, msg: p.Progress) -> None:
         """A progress report of one call."""
+
+    def on_channel(self, msg: p.Message) -> None:
+        """A channel message of one call (ChannelData, ChannelClose, ChannelCredit)."""
 
     def worker_failed(self, proc: WorkerSlot, reason: str, detail: str) -> None:
         """The slot gives up on ``proc`` (unresponsive, over memory): kill it."""

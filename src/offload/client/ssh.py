@@ -48,9 +48,10 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from offload._record import replace  # ExitInfo is a record, SSHTarget a dataclass
 from offload._version import __version__
 from offload.client import outcome
 from offload.client.remote import DEFAULT_HEARTBEAT, RemoteSlot, RemoteTarget
@@ -687,6 +688,14 @@ class SSHSlot(RemoteSlot):
     def launched(self) -> bool:
         """Whether ssh started the remote side (its end will be reported)."""
         return self._launched
+
+    def output_modes(self) -> tuple[str, str]:
+        """Like everything else the remote side prints: ``"inherit"`` gets the name in
+        front (``[ssh://gpu1] ...``), as a machine's output should say where it is from."""
+        opts = self.host.options
+        stdout = "prefix" if opts.stdout == "inherit" else opts.stdout
+        stderr = "prefix" if opts.stderr == "inherit" else opts.stderr
+        return stdout, stderr
 
     @property
     def ssh_pid(self) -> int | None:

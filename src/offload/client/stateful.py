@@ -117,6 +117,9 @@ class _Watch:
     def on_progress(self, msg: p.Progress) -> None:
         self._host.on_progress(msg)
 
+    def on_channel(self, msg: p.Message) -> None:
+        self._host.on_channel(msg)
+
     def worker_failed(self, proc: WorkerSlot, reason: str, detail: str) -> None:
         self._host.worker_failed(proc, reason, detail)
 

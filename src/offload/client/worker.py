@@ -8,11 +8,12 @@ process (``w.pid`` changes).
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, TypeVar, overload
 
+from offload._lazy import instance_of
 from offload.client.engine import Engine
 from offload.client.future import Future
 from offload.client.local import LocalSlot
@@ -23,15 +24,21 @@ from offload.client.options import (
     check_token,
     make_options,
 )
-from offload.client.remote import DEFAULT_HEARTBEAT, RemoteSlot, RemoteTarget
 from offload.client.slot import SlotFactory, SlotHost, WorkerSlot
-from offload.client.ssh import SSHSlot, SSHTarget
-from offload.tasks import Task, registered_task
-from offload.transport.net import TLS
-from offload.transport.ssh import SSH
 
-P = ParamSpec("P")
-T = TypeVar("T")
+# Remote servers, ssh, TLS and tasks are imported where first used: a program that only
+# runs local workers never imports them (nor ssl, json, hashlib...); typing neither.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ParamSpec, TypeVar, overload
+
+    from offload.client.remote import RemoteTarget
+    from offload.client.ssh import SSHTarget
+    from offload.tasks import Task
+    from offload.transport.net import TLS
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
 
 
 def slot_factory(remotes: Mapping[int, RemoteTarget | SSHTarget]) -> SlotFactory:
@@ -42,10 +49,18 @@ def slot_factory(remotes: Mapping[int, RemoteTarget | SSHTarget]) -> SlotFactory
     def make(host: SlotHost, index: int, gen: int, name: str) -> WorkerSlot:
         target = remotes.get(index)
         if target is None:
+            if host.options.start_method == "attach":  # a worker started by hand
+                from offload.client.attach import AttachSlot
+
+                return AttachSlot(host, index, gen, name)
             return LocalSlot(host, index, gen, name)
-        if isinstance(target, SSHTarget):
-            return SSHSlot(host, index, gen, name, target)
-        return RemoteSlot(host, index, gen, name, target)
+        from offload.client.remote import RemoteSlot, RemoteTarget  # made the target
+
+        if isinstance(target, RemoteTarget):
+            return RemoteSlot(host, index, gen, name, target)
+        from offload.client.ssh import SSHSlot
+
+        return SSHSlot(host, index, gen, name, target)
 
     return make
 
@@ -61,7 +76,11 @@ def remote_target(
     """Where a remote slot goes: a worker server's address (``where`` a str), or one to
     start over ssh (``where`` an :class:`offload.SSH`, with ``workers`` processes there;
     its token is made for each start, so ``token`` and ``tls`` do not apply)."""
-    if isinstance(where, SSH):
+    from offload.client.remote import DEFAULT_HEARTBEAT, RemoteTarget
+
+    if instance_of(where, "offload.transport.ssh", "SSH"):
+        from offload.client.ssh import SSHTarget
+
         return SSHTarget(
             where,
             workers=workers,
@@ -78,10 +97,12 @@ def call_settings(fn: Any) -> tuple[Any, float | None, int]:
     A name registered in this process (``@offload.task(name=...)``) carries its task's
     ``timeout`` and ``retries``, as the task object itself would; a name only the
     worker knows runs with none (a worker server applies its own task's timeout)."""
-    if isinstance(fn, Task):
+    if instance_of(fn, "offload.tasks", "Task"):
         return fn, fn.timeout, fn.retries
     if isinstance(fn, str):
-        known = registered_task(fn)
+        # No task can be registered before offload.tasks is imported.
+        tasks = sys.modules.get("offload.tasks")
+        known = None if tasks is None else tasks.registered_task(fn)
         if known is not None:
             return fn, known.timeout, known.retries
         return fn, None, 0
@@ -96,12 +117,14 @@ class Submitter:
 
     _engine: Engine
 
-    @overload
-    def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
-    @overload
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
-    @overload
-    def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
+    if TYPE_CHECKING:  # the signatures, for type checkers
+
+        @overload
+        def submit(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+        @overload
+        def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+        @overload
+        def submit(self, fn: str, /, *args: Any, **kwargs: Any) -> Future[Any]: ...
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a worker.
@@ -185,12 +208,14 @@ class Worker(Submitter):
         proc = self._engine.current.get(0)
         return proc is not None and proc.alive
 
-    @overload
-    def call(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
-    @overload
-    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
-    @overload
-    def call(self, fn: str, /, *args: Any, **kwargs: Any) -> Any: ...
+    if TYPE_CHECKING:  # the signatures, for type checkers
+
+        @overload
+        def call(self, fn: Task[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+        @overload
+        def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+        @overload
+        def call(self, fn: str, /, *args: Any, **kwargs: Any) -> Any: ...
 
     def call(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         """``submit(...).result()``: run the call and return its value (or raise)."""
@@ -241,7 +266,10 @@ class Worker(Submitter):
             StartError, ExecutionError: the worker could not open its listener.
         """
         remote = self._remote
-        if isinstance(remote, RemoteTarget):
+        if instance_of(remote, "offload.client.remote", "RemoteTarget"):
+            from offload.client.remote import RemoteTarget  # loaded: it made the target
+
+            assert isinstance(remote, RemoteTarget)
             return (_travelled, (str(remote.address), remote.token, remote.tls, self.name))
         if remote is not None:
             raise TypeError(f"the handle of worker {self.name}, started over ssh, cannot travel")
@@ -286,6 +314,8 @@ def _listener_of(worker: Worker) -> tuple[str, bytes]:
 def _travelled(address: str, token: bytes, tls: TLS | None, name: str) -> Worker:
     """A worker handle unpickled: a connection to that worker (made in the background;
     calls wait for it)."""
+    from offload.client.remote import RemoteTarget
+
     opts = make_options(name=name)
     return Worker(opts, wait=False, remote=RemoteTarget.parse(address, token, tls, None))
 
@@ -295,7 +325,8 @@ def spawn(**options: Any) -> Worker:
 
     Args:
         **options: worker options (SPEC section 4): ``name``, ``start_method``
-            (``"spawn"``, ``"forkserver"``, ``"fork"`` or ``"reexec"``; on Python 3.12+
+            (``"spawn"``, ``"forkserver"``, ``"fork"``, ``"reexec"`` or ``"attach"``: a
+            worker you start by hand; on Python 3.12+
             ``"fork"`` makes ``os.fork()`` issue a ``DeprecationWarning``, see
             :class:`~offload.client.options.WorkerOptions`), ``python``, ``preload``,
             ``initializer``, ``initargs``, ``env``, ``cwd``, ``umask``, ``stdout``,
@@ -344,7 +375,8 @@ def connect(
         tls: TLS settings (``offload.TLS(ca=..., cert=..., key=...)``).
         **options: worker options that apply to a remote worker: ``name``,
             ``start_timeout``, ``heartbeat`` (default ``(5, 30)``), ``max_message_size``,
-            ``on_failure``.
+            ``on_failure``, and ``stdout``/``stderr``: where the output of its calls,
+            which the server relays, goes (as for a local worker's).
 
     Raises:
         AuthenticationError: no token, a wrong token, an impostor server, or TLS failed.
@@ -355,6 +387,8 @@ def connect(
     """
     check_connect_args(address, token, tls)
     opts = make_options(**options)
+    from offload.client.remote import RemoteTarget
+
     target = RemoteTarget.parse(address, token, tls, opts.heartbeat)
     return Worker(opts, remote=target)
 
@@ -403,6 +437,8 @@ class Delegate:
         merged = {**self._options, **options}
         call = {k: v for k, v in merged.items() if k in _CALL_OPTIONS}
         if call:
+            from offload.tasks import Task
+
             Task(_check_only, register=False, **call)
         worker = {k: v for k, v in merged.items() if k not in (*_CALL_OPTIONS, "token", "tls")}
         make_options(**worker)  # checked now, not at the first call

@@ -34,11 +34,14 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import IO, Any
 
 from offload.errors import UnknownExitStatus
 from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop, Timer
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 log = logging.getLogger("offload")
 TAIL_LIMIT = 64 * 1024
@@ -119,6 +122,9 @@ class _Sink:
             data = self.partial + data
             lines = data.split(b"\n")
             self.partial = lines.pop()
+            if len(self.partial) > TAIL_LIMIT:  # a line that never ends: bounded pieces
+                lines.append(self.partial)
+                self.partial = b""
             data = b"".join(self.prefix + line + b"\n" for line in lines)
         _write_all(self.fd, data)
 
@@ -128,6 +134,11 @@ class _Sink:
             self.partial = b""
         if self.file is not None:
             self.file.close()
+
+
+# The same sink passes on what a worker server relays of a remote call's output
+# (offload.client.output), as the caller's stdout/stderr options say.
+OutputSink = _Sink
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -153,6 +164,9 @@ class ChildProcess:
             could not be inferred (the program ignores SIGCHLD).
         exit_note: how ``returncode`` was found when it is a guess ("" when it is the
             status the kernel reported).
+        output_hook: when set, ``hook(stream, data)`` is offered each chunk read from
+            stdout (1) or stderr (2) before it is passed on, and returns True when it
+            took it (a worker server relays its calls' output to its clients).
     """
 
     def __init__(
@@ -186,6 +200,11 @@ class ChildProcess:
         self._kill_timer: Timer | None = None
         self._pidfd: int | None = None
         self.exited = threading.Event()
+        # Offered every chunk read from stdout (1) or stderr (2) first, on the loop
+        # thread: True when it took the chunk (a worker server relays a call's output to
+        # its client), False to pass it on as the mode says. The stderr tail keeps it
+        # either way.
+        self.output_hook: Callable[[int, bytes], bool] | None = None
         if stderr_fd is not None:
             self._watch_pipe(stderr_fd, _Sink(spec.stderr, spec.name, 2), keep_tail=True)
         if stdout_fd is not None:
@@ -232,6 +251,9 @@ class ChildProcess:
                 self._tail += data
                 if len(self._tail) > TAIL_LIMIT:
                     del self._tail[: len(self._tail) - TAIL_LIMIT]
+            hook = self.output_hook
+            if hook is not None and hook(sink.fd, data):
+                continue
             try:
                 sink.write(data)
             except OSError:
@@ -277,6 +299,11 @@ class ChildProcess:
     def stderr_tail(self) -> str:
         """The last (at most 64 KiB) text written to stderr."""
         return self._tail.decode("utf-8", "replace")
+
+    def forget_tail(self) -> None:
+        """Start the stderr tail afresh (a worker server, once a call is answered: the
+        next call's crash report holds only what that call wrote). Loop thread."""
+        self._tail.clear()
 
     # -- exit ----------------------------------------------------------------------------
 

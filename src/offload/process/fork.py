@@ -11,21 +11,21 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from offload.process.child import ChildProcess, reap_pid
 from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop
 
-# Imported here, in the parent, rather than in each forked child: a ``fork`` worker then
-# starts with the worker's code already loaded.
-from offload.worker.loop import run_worker
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def output_pipes(spec: LaunchSpec) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """(stderr read, write) and, when the stdout mode needs one, (stdout read, write)."""
     stderr_pipe = os.pipe()
-    stdout_pipe = os.pipe() if spec.stdout not in ("inherit", "devnull") else None
+    piped = spec.pipe_stdout or spec.stdout not in ("inherit", "devnull")
+    stdout_pipe = os.pipe() if piped else None
     return stderr_pipe, stdout_pipe
 
 
@@ -48,10 +48,10 @@ def become_worker(
             stdout_w = os.dup(stdout_w) if stdout_w is not None else None
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
-        if spec.stdout == "devnull":
-            os.dup2(devnull, 1)
-        elif stdout_w is not None:
+        if stdout_w is not None:  # before devnull: a relayed worker's is piped anyway
             os.dup2(stdout_w, 1)
+        elif spec.stdout == "devnull":
+            os.dup2(devnull, 1)
         os.dup2(stderr_w, 2)
         _close_other_fds({0, 1, 2, sock_fd, *keep})
         # The parent's sys.stdout/sys.stderr may be objects on fds just closed (output
@@ -64,6 +64,8 @@ def become_worker(
             os.umask(spec.umask)
         os.environ.update(spec.env)
         forget_unfinished_imports()
+        from offload.worker.loop import run_worker  # loaded before the fork (launch_fork)
+
         run_worker(spec.worker_settings(sock_fd, ppid))
     except BaseException:  # noqa: BLE001 - a forked child must never return to the caller
         import traceback
@@ -124,6 +126,11 @@ def launch_fork(
                 stream.flush()  # or the child would print the parent's buffered text again
         except (OSError, ValueError):
             pass
+    # Imported here, in the parent, rather than in each forked child: a ``fork`` worker
+    # then starts with the worker's code already loaded. Not at the top of this module: a
+    # pool that spawns its workers never needs it.
+    import offload.worker.loop  # noqa: F401
+
     ppid = os.getpid()
     pid = os.fork()
     if pid == 0:

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from offload.process.child import ChildProcess
 from offload.process.fork import launch_fork
 from offload.process.spawn import launch_spawn
 from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["LaunchSpec", "launch"]
 

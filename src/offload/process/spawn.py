@@ -12,12 +12,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import IO, Any
 
 from offload.process.child import ChildProcess, popen, reap_pid
 from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop
 from offload.worker.settings import SETTINGS_ENV, encode_settings
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 
 def worker_argv(spec: LaunchSpec) -> list[str]:
@@ -59,10 +62,10 @@ def launch_spawn(
         settings = spec.worker_settings(child_sock.fileno(), os.getpid())
         env[SETTINGS_ENV] = encode_settings(settings)
         stdout: Any = None
-        if spec.stdout == "devnull":
-            stdout = subprocess.DEVNULL
-        elif spec.stdout != "inherit":
+        if spec.pipe_stdout or spec.stdout not in ("inherit", "devnull"):
             stdout = subprocess.PIPE
+        elif spec.stdout == "devnull":
+            stdout = subprocess.DEVNULL
         process = popen(
             worker_argv(spec),
             stdin=subprocess.DEVNULL,

@@ -7,12 +7,12 @@ process, which receives specs pickled) reads it; it imports only the worker's se
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
+from offload._record import field, record  # not dataclasses: see offload._record
 from offload.worker.settings import WorkerSettings
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LaunchSpec:
     """Everything needed to start one worker process.
 
@@ -24,6 +24,10 @@ class LaunchSpec:
         cwd: the worker's working directory (None: the parent's).
         umask: the worker's umask (None: the parent's).
         stdout, stderr: ``"inherit"``, ``"devnull"``, ``"prefix"`` or a file path.
+        pipe_stdout: read stdout through a pipe whatever its mode (the mode then says
+            where the bytes go): a worker server relays its workers' output to its
+            clients (:attr:`ChildProcess.output_hook
+            <offload.process.child.ChildProcess.output_hook>`).
         settings: the worker's settings; the launch fills in ``fd``, ``name``, ``ppid``
             and ``sys_path`` (:meth:`worker_settings`).
     """
@@ -36,6 +40,7 @@ class LaunchSpec:
     umask: int | None = None
     stdout: str = "inherit"
     stderr: str = "inherit"
+    pipe_stdout: bool = False
     settings: WorkerSettings = field(default_factory=WorkerSettings)
 
     def worker_settings(self, fd: int, ppid: int) -> WorkerSettings:

@@ -13,6 +13,13 @@ A frame is ``length:u64 (network order) | body``, and a message's body is::
 * a message with a ``buffers`` field ends with ``count:u32`` then ``len:u64 | data`` for
   each out-of-band pickle buffer (pickle protocol 5), so large ``bytes``/NumPy payloads
   are never copied into the pickle stream.
+* on a connection with shared memory (a local worker's, see
+  :mod:`offload.transport.shared`), a large buffer is ``len | 1 << 63 : u64`` then
+  ``segment:u64``: its bytes are in the sender's shared-memory segment, and a segment
+  reference with bit 63 set means the segment's descriptor comes with the frame. The
+  encoder and decoder get the object that does that (:class:`Sharing`); nothing here
+  touches memory maps or descriptors, and the encoder returns the descriptors to send as
+  ints in front of the frame's chunks.
 
 Encoding returns a *list* of byte chunks so the transport can hand them to
 ``sendmsg``/``writev`` without joining large buffers. Decoding works on one contiguous
@@ -47,17 +54,31 @@ from offload.protocol.messages import (
 
 TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
 if TYPE_CHECKING:
-    from typing import TypeAlias
+    from typing import Any, Protocol, TypeAlias
 
     from offload.protocol.messages import Buffers, CallFields
 
     Chunks: TypeAlias = list[bytes | bytearray | memoryview]  # what a frame is sent as
+
+    class Sharing(Protocol):
+        """What moves large buffers through shared memory (offload.transport.shared)."""
+
+        threshold: int
+
+        def export(self, view: memoryview) -> tuple[int, int] | None:
+            """Copy ``view`` into a segment: (segment reference, descriptor or -1), or
+            None to send it in the frame."""
+
+        def attach(self, ref: int, size: int) -> Any:
+            """The buffer of ``size`` bytes in the segment ``ref`` names."""
+
 
 FRAME_HEADER = struct.Struct("!Q")  # a frame: its body's length, then the body
 _NUMERIC = {"int": "Q", "float": "d"}
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _SMALL = 4096  # below this, a str/bytes field or buffer is copied into the head chunk
+SHARED = 1 << 63  # a buffer length with this bit: its bytes are in shared memory
 
 
 # -- the generic codec: one precompiled layout per message type ---------------------------
@@ -95,8 +116,15 @@ _BY_TAG: dict[int, _Layout] = {cls.TAG: _Layout(cls) for cls in MESSAGE_TYPES}
 _BY_CLASS: dict[type[Message], _Layout] = {lay.cls: lay for lay in _BY_TAG.values()}
 
 
-def encode_generic(msg: Message) -> Chunks:
-    """:func:`encode_body` without the fast paths (the reference they are tested against)."""
+def encode_generic(msg: Message, sharing: Sharing | None = None) -> Chunks:
+    """:func:`encode_body` without the fast paths (the reference they are tested against).
+
+    With ``sharing``, buffers of at least ``sharing.threshold`` bytes go through shared
+    memory, and the descriptors to send with the frame come first in the list, as ints.
+
+    Raises:
+        OSError: ``sharing`` could not make a segment.
+    """
     lay = _BY_CLASS[type(msg)]
     head = bytearray(lay.fixed.pack(lay.cls.TAG, *[getattr(msg, n) for n in lay.fixed_names]))
     chunks: Chunks = [head]
@@ -110,11 +138,22 @@ def encode_generic(msg: Message) -> Chunks:
             chunks.append(data)
             head = bytearray()
             chunks.append(head)
+    fds: list[int] = []
     if lay.has_buffers:
         buffers: Buffers = getattr(msg, "buffers", ())
         head += _U32.pack(len(buffers))
         for buf in buffers:
             view = memoryview(buf).cast("B")
+            exported = None
+            if sharing is not None and view.nbytes >= sharing.threshold:
+                exported = sharing.export(view)
+            if exported is not None:
+                ref, fd = exported
+                if fd >= 0:
+                    fds.append(fd)
+                head += _U64.pack(view.nbytes | SHARED)
+                head += _U64.pack(ref)
+                continue
             head += _U64.pack(view.nbytes)
             if view.nbytes < _SMALL:
                 head += view
@@ -122,15 +161,19 @@ def encode_generic(msg: Message) -> Chunks:
                 chunks.append(view)
                 head = bytearray()
                 chunks.append(head)
+    if fds:
+        return [*fds, *[c for c in chunks if len(c)]]  # type: ignore[list-item]
     return [c for c in chunks if len(c)]
 
 
-def decode_generic(body: memoryview) -> Message:
+def decode_generic(body: memoryview, sharing: Sharing | None = None) -> Message:
     """:func:`decode_body` without the fast paths (the reference they are tested against).
 
     Raises:
         ProtocolError: an empty body, an unknown tag, a field or buffer that runs past
-            the end, an impossible buffer count, or stray bytes after the message.
+            the end, an impossible buffer count, stray bytes after the message, or a
+            buffer in shared memory on a connection without it (or that ``sharing``
+            cannot attach).
     """
     if len(body) < 1:
         raise ProtocolError("empty frame")
@@ -159,6 +202,13 @@ def decode_generic(body: memoryview) -> Message:
             for _ in range(count):
                 (n,) = _U64.unpack_from(body, pos)
                 pos += 8
+                if n & SHARED:
+                    if sharing is None:
+                        raise ProtocolError(f"{lay.cls.__name__}: a buffer in shared memory")
+                    (ref,) = _U64.unpack_from(body, pos)
+                    pos += 8
+                    buffers.append(sharing.attach(ref, n & ~SHARED))
+                    continue
                 if pos + n > end:
                     raise ProtocolError(f"{lay.cls.__name__}: a buffer runs past the frame")
                 buffers.append(body[pos : pos + n])
@@ -346,8 +396,8 @@ def encode_body(msg: Message) -> Chunks:
     return encode_generic(msg)
 
 
-def decode_body(body: memoryview) -> Message:
-    """Decode one frame body.
+def decode_body(body: memoryview, sharing: Sharing | None = None) -> Message:
+    """Decode one frame body (``sharing``: see :func:`decode_generic`).
 
     Raises:
         ProtocolError: anything malformed (see :func:`decode_generic`).
@@ -357,4 +407,4 @@ def decode_body(body: memoryview) -> Message:
     fast = decode_common(body)
     if fast is not None:
         return fast
-    return decode_generic(body)
+    return decode_generic(body, sharing)

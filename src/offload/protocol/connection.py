@@ -40,12 +40,16 @@ from offload.protocol.messages import PROTOCOL_VERSION, Goodbye, Hello, Message,
 
 TYPE_CHECKING = False  # workers import this at start-up; typing and hashlib cost time
 if TYPE_CHECKING:
+    from typing import Any
+
     from offload.protocol.auth import Sealer
+    from offload.protocol.codec import Sharing
     from offload.protocol.messages import CallFields
 
 MAC_SIZE = 32  # offload.protocol.auth.MAC_SIZE (not imported: workers never seal)
 HEADER = FRAME_HEADER
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+_DETACH = 1 << 20  # a frame body this large is not copied out of the receive buffer
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -125,6 +129,10 @@ class Connection:
         self._eof = False
         # After an authenticated handshake without TLS: MACs every frame (see auth.py).
         self.sealer: Sealer | None = None
+        # Between local processes: moves large buffers through shared memory (set by
+        # the transport, see offload.transport.shared); frames then begin with the
+        # descriptors to send with them, as ints.
+        self.sharing: Sharing | None = None
 
     def __repr__(self) -> str:
         """``<Connection client 'c-1' OPEN with worker 'w-1' (pid 22) | 12 bytes
@@ -193,7 +201,10 @@ class Connection:
                     f"max_message_size ({self.max_message_size})"
                 )
             return [whole if sealer is None else self._sealed(whole)]
-        chunks = encode_generic(msg)
+        chunks: list[Any] = encode_generic(msg, self.sharing)
+        fds: list[int] = []
+        while type(chunks[0]) is int:  # descriptors of shared buffers: before the frame
+            fds.append(chunks.pop(0))
         if len(chunks) == 1 and isinstance(chunks[0], bytearray):
             size = len(chunks[0])
         else:
@@ -212,8 +223,8 @@ class Connection:
             size += MAC_SIZE
         if len(chunks) == 1 and isinstance(chunks[0], bytearray):
             chunks[0][0:0] = HEADER.pack(size)  # one contiguous write for small messages
-            return chunks
-        return [HEADER.pack(size), *chunks]
+            return [*fds, *chunks] if fds else chunks  # type: ignore[list-item]
+        return [*fds, HEADER.pack(size), *chunks]
 
     def _sealed(self, whole: bytes) -> bytes:
         """The sealed form of an unsealed frame (its length then its body): the length
@@ -354,13 +365,20 @@ class Connection:
                     sealer.open(sealed, bytes(view[end : self._pos]))
             # The common calls and results decode in place (they copy what they keep).
             msg = decode_common(view, start, end)
-            if msg is None:
+            if msg is None and end - start < _DETACH:
                 # Copy the body out so buffers handed to pickle stay valid after compaction.
                 body = memoryview(bytes(view[start:end]))
+        if msg is None and end - start >= _DETACH:
+            # A large frame (out-of-band buffers, remotely): the buffer becomes its body
+            # (no copy of it); what follows it starts a new buffer.
+            whole = self._buf
+            self._buf = whole[self._pos :]
+            self._pos = 0
+            body = memoryview(whole)[start:end]
         self._compact()
         if msg is not None:
             return msg
-        return decode_body(body)
+        return decode_body(body, self.sharing)
 
     def _compact(self) -> None:
         """Drop the consumed bytes (all of them, or a large prefix) from the buffer."""

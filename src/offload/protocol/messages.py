@@ -26,12 +26,14 @@ tag  message          sent by             meaning
 7/8  Ping / Pong      both                heartbeat
 9    Shutdown         client              finish the calls already sent, then exit
 10   Goodbye          both                closing on purpose (``reason``)
-11   ChannelData      both                an item on a channel
-12   ChannelClose     both                a sender of a channel is done
+11   ChannelData      both                items on a channel, for or from a call's end
+12   ChannelClose     both                a call's sender is done / the channel ended
 13   ChannelCredit    both                room for more items (back-pressure)
 14   Failure          both                a protocol error: closing
 15   StatusRequest    operator            ask a server for its :class:`Status`
 16   Status           server              the server's state, as JSON
+17   Output           server              bytes a relayed call's process wrote (``stream``:
+                                          STDOUT or STDERR)
 ===  ===============  ==================  ====================================================
 
 A message is frozen and slotted: its constructor sets every field once (keyword
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     CallFields: TypeAlias = tuple[int, int, float, str, bytes, bytes, Buffers]
 
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Output (a peer of version 2 would call it a broken protocol)
 
 
 # Result.status values.
@@ -454,56 +456,106 @@ class Goodbye(Message):
         _fill(self, "reason", reason)
 
 
-class ChannelData(Message):
-    """One item (or raw blob) on a channel."""
+# ChannelData.kind values.
+ITEMS = 0  # payload: the pickle of a list of items' pickles (each in-band); no buffers
+BLOBS = 1  # payload: the pickle of a list of blobs (send_bytes); no buffers
+OBJECT = 2  # one item: payload is its pickle, buffers its out-of-band pickle buffers
 
-    __slots__ = ("buffers", "channel_id", "payload", "raw")
+
+class ChannelData(Message):
+    """Items on a channel, for (or from) the end that call ``call_id`` holds.
+
+    One frame carries a batch: ``kind`` says how (ITEMS, BLOBS, OBJECT). A batch is one
+    pickled list, so that packing and unpacking a thousand items is one call into the C
+    pickler each, not a loop here. A sender puts on the wire no more items than the
+    receiving side granted with :class:`ChannelCredit`.
+    """
+
+    __slots__ = ("buffers", "call_id", "channel_id", "kind", "payload")
     TAG = 11
     FIELDS = (
-        ("channel_id", "int"),
-        ("raw", "int"),  # 1 when payload is raw bytes (send_bytes), 0 for a pickle
+        ("call_id", "int"),  # the call holding the end at the worker's side
+        ("channel_id", "int"),  # the channel, numbered by the process that made it
+        ("kind", "int"),  # ITEMS, BLOBS or OBJECT
         ("payload", "bytes"),
         ("buffers", "buffers"),
     )
-    __match_args__ = ("channel_id",)
+    __match_args__ = ("call_id",)
+    call_id: int
     channel_id: int
-    raw: int
+    kind: int
     payload: bytes
     buffers: Buffers
 
-    def __init__(self, *, channel_id: int, raw: int, payload: bytes, buffers: Buffers = ()) -> None:
+    def __init__(
+        self,
+        *,
+        call_id: int,
+        channel_id: int,
+        kind: int,
+        payload: bytes = b"",
+        buffers: Buffers = (),
+    ) -> None:
+        _fill(self, "call_id", call_id)
         _fill(self, "channel_id", channel_id)
-        _fill(self, "raw", raw)
+        _fill(self, "kind", kind)
         _fill(self, "payload", payload)
         _fill(self, "buffers", buffers)
 
+    def with_call_id(self, call_id: int) -> ChannelData:
+        """These items for the same end under another call id (a server relaying)."""
+        return ChannelData(
+            call_id=call_id,
+            channel_id=self.channel_id,
+            kind=self.kind,
+            payload=self.payload,
+            buffers=self.buffers,
+        )
+
 
 class ChannelClose(Message):
-    """A sender of that channel is done."""
+    """From a call's sender: that sender is done. To a call's receiver: the channel
+    ended (every sender is done); ``error``, when not empty, is the pickled error its
+    iteration raises after the items (a sender's call crashed)."""
 
-    __slots__ = ("channel_id",)
+    __slots__ = ("call_id", "channel_id", "error")
     TAG = 12
-    FIELDS = (("channel_id", "int"),)
-    __match_args__ = ("channel_id",)
+    FIELDS = (("call_id", "int"), ("channel_id", "int"), ("error", "bytes"))
+    __match_args__ = ("call_id",)
+    call_id: int
     channel_id: int
+    error: bytes
 
-    def __init__(self, *, channel_id: int) -> None:
+    def __init__(self, *, call_id: int, channel_id: int, error: bytes = b"") -> None:
+        _fill(self, "call_id", call_id)
         _fill(self, "channel_id", channel_id)
+        _fill(self, "error", error)
+
+    def with_call_id(self, call_id: int) -> ChannelClose:
+        """This close for the same end under another call id (a server relaying)."""
+        return ChannelClose(call_id=call_id, channel_id=self.channel_id, error=self.error)
 
 
 class ChannelCredit(Message):
-    """The receiver has room for ``count`` more items (back-pressure)."""
+    """The receiving side has room for ``count`` more items from the end that call
+    ``call_id`` holds (back-pressure)."""
 
-    __slots__ = ("channel_id", "count")
+    __slots__ = ("call_id", "channel_id", "count")
     TAG = 13
-    FIELDS = (("channel_id", "int"), ("count", "int"))
-    __match_args__ = ("channel_id",)
+    FIELDS = (("call_id", "int"), ("channel_id", "int"), ("count", "int"))
+    __match_args__ = ("call_id",)
+    call_id: int
     channel_id: int
     count: int
 
-    def __init__(self, *, channel_id: int, count: int) -> None:
+    def __init__(self, *, call_id: int, channel_id: int, count: int) -> None:
+        _fill(self, "call_id", call_id)
         _fill(self, "channel_id", channel_id)
         _fill(self, "count", count)
+
+    def with_call_id(self, call_id: int) -> ChannelCredit:
+        """This credit for the same end under another call id (a server relaying)."""
+        return ChannelCredit(call_id=call_id, channel_id=self.channel_id, count=self.count)
 
 
 class Failure(Message):
@@ -539,6 +591,30 @@ class Status(Message):
         _fill(self, "json", json)
 
 
+# Output.stream values: the file descriptor the bytes were written to.
+STDOUT = 1
+STDERR = 2
+
+
+class Output(Message):
+    """Bytes the process running a relayed call wrote while it ran (a worker server to
+    its client): the client passes them on as its ``stdout``/``stderr`` options say.
+    Sent before the call's :class:`Result`, in the order they were written per stream."""
+
+    __slots__ = ("call_id", "data", "stream")
+    TAG = 17
+    FIELDS = (("call_id", "int"), ("stream", "int"), ("data", "bytes"))
+    __match_args__ = ("call_id",)
+    call_id: int
+    stream: int
+    data: bytes
+
+    def __init__(self, *, call_id: int, stream: int, data: bytes) -> None:
+        _fill(self, "call_id", call_id)
+        _fill(self, "stream", stream)
+        _fill(self, "data", data)
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Hello,
     Call,
@@ -556,4 +632,5 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Failure,
     StatusRequest,
     Status,
+    Output,
 )

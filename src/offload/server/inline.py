@@ -57,6 +57,7 @@ class InlineRunner:
             name="inline", report=self._report, max_message_size=max_message_size
         )
         self._execution.gate = gate
+        self._execution.make_ends = self._make_ends
         # Calls waiting for a thread (call_id -> its job and sink), and calls running
         # (call_id -> sink). Dict operations are atomic: each entry is added and removed
         # by the one thread that owns that step of the call.
@@ -113,6 +114,31 @@ class InlineRunner:
         if call_id is not None and (sink := self._running.get(call_id)) is not None:
             data, buffers = dumps(value)
             sink.call_progress(p.Progress(call_id=call_id, payload=data, buffers=tuple(buffers)))
+
+    def _make_ends(self) -> Any:
+        """The channel ends of the calls run here: they talk under the server-wide id
+        of the call running on their thread, through its session."""
+        from offload.worker.channels import Ends
+
+        def call_key() -> int:
+            return int(self._on_thread.call_id)
+
+        return Ends(self._send_channel_out, call_key=call_key)
+
+    def _send_channel_out(self, msgs: list[p.Message]) -> None:
+        for msg in msgs:
+            sink = self._running.get(msg.call_id)  # type: ignore[attr-defined]
+            if sink is not None:
+                sink.call_channel(msg)
+
+    def send_channel(self, call_id: int, msgs: list[p.Message]) -> bool:
+        """Channel messages from a call's client, under the server-wide id."""
+        ends = self._execution.ends
+        if ends is None or call_id not in self._running:
+            return False
+        for msg in msgs:
+            ends.route(msg)
+        return True
 
     def cancel(self, call_id: int) -> bool:
         """Drop a call that has not started; False if it has."""

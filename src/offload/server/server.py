@@ -23,7 +23,8 @@ Theory of operation
    :class:`~offload.client.engine.Engine`), in a fresh process each (``process``), or
    in the server process itself (``inline``, for debugging: ``inline.py``). A crash
    there fails that call with ``WorkerCrashed`` (sent to the client); the server lives
-   on.
+   on. What a call's process prints goes to that call's client (``relay.py``); what the
+   workers print outside any call goes to the server's own stdout and stderr.
 4. ``Kill`` from the client kills the process running that call. A client that vanishes
    has its calls killed after ``disconnect_grace`` seconds.
 5. :meth:`Server.stop` drains: it stops accepting, lets running calls finish until the
@@ -41,16 +42,16 @@ import os
 import socket
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 from offload import protocol as p
+from offload._record import replace
 from offload.client.engine import Engine
-from offload.client.local import LocalSlot
 from offload.client.options import check_server_args, make_options
 from offload.protocol.auth import REFUSED_BUSY, REFUSED_STOPPING, check_token
 from offload.server.gate import HandshakeGate
 from offload.server.inline import InlineRunner
+from offload.server.relay import RelayingSlot
 from offload.server.session import Runner, Session, Tally
 from offload.transport.loop import get_loop
 from offload.transport.net import (
@@ -212,7 +213,7 @@ class Server:
                 keep_warm=True,
                 label="offload-server",
                 names=names,
-                slot_factory=LocalSlot,
+                slot_factory=RelayingSlot,
             )
             self._engine.start()
         if self.busy_poll > 0 and self._engine is not None and self._ssl is None:

@@ -16,8 +16,15 @@ authenticated a connection and the server admitted it. From then on:
    flushes once, so a batch is one write to the client. Writes never block: what the
    client does not read stays on the outbox (:attr:`Session.queued_bytes`) and nobody
    waits for it.
+   What a call prints comes through :meth:`Session.call_output` (from
+   :mod:`offload.server.relay`) and goes to the client as ``Output`` messages, before
+   the call's Result. At most :data:`OUTPUT_BACKLOG` bytes of answers may wait for a
+   client that does not read: past it, output is dropped (never waited for), and a
+   line on the same stream says how much before the call's Result.
 4. ``Kill`` and ``Cancel`` go to the runner under the server-wide id; ``Ping`` and
-   ``StatusRequest`` are answered at once.
+   ``StatusRequest`` are answered at once. Channel messages (``ChannelData``,
+   ``ChannelCredit``, ``ChannelClose``) are relayed both ways at once, relabelled like
+   results; credits bound them, so none waits here.
 5. When the client goes away with calls still running, they are killed only after
    ``disconnect_grace`` seconds; then the session tells the server it is gone.
 
@@ -49,6 +56,10 @@ from offload.transport.loop import Loop
 log = logging.getLogger("offload")
 
 _new_call_id = Engine.new_call_id  # server-wide ids, shared with the engine's own calls
+# Bytes of answers queued for a client past which its calls' output is dropped: a client
+# that does not read costs the server this much memory for output, not what a call
+# prints in a loop. (Results are never dropped.)
+OUTPUT_BACKLOG = 1 << 20
 
 
 class Runner(Protocol):
@@ -69,6 +80,10 @@ class Runner(Protocol):
     def kill_call(self, call_id: int) -> bool:
         """Kill the call (or drop it if it has not started); it fails with WorkerKilled.
         False if the call is not known (or, inline, runs on and cannot be killed)."""
+
+    def send_channel(self, call_id: int, msgs: list[p.Message]) -> bool:
+        """Pass channel messages on to the call (already under its server-wide id);
+        False if it is not running (any more)."""
 
 
 class Tally:
@@ -151,6 +166,8 @@ class Session:
         # dict operation is atomic, so only drain waiters need the lock.
         self.calls: dict[int, int] = {}
         self._client_ids: dict[int, int] = {}
+        # (server-wide call id, stream) -> bytes of output dropped (client not reading).
+        self._dropped: dict[tuple[int, int], int] = {}
         self._idle = threading.Condition()  # drain waiters (see wait_idle)
         self._draining = False
         self.closed = False
@@ -187,6 +204,12 @@ class Session:
                     call_id = self.calls.get(client_id)
                     if call_id is not None and self._runner.cancel(call_id):
                         self.call_done(call_id, concurrent.futures.CancelledError())
+                case p.ChannelData() | p.ChannelCredit() | p.ChannelClose():
+                    # Relayed at once, never held: the client sends no more than the
+                    # call's end granted, so nothing piles up here.
+                    call_id = self.calls.get(msg.call_id)
+                    if call_id is not None:  # else its call ended: late, dropped
+                        self._runner.send_channel(call_id, [msg.with_call_id(call_id)])
                 case p.Ping(seq=seq):
                     self.channel.send(p.Pong(seq=seq))
                 case p.StatusRequest():
@@ -220,6 +243,43 @@ class Session:
                 p.Progress(call_id=client_id, payload=msg.payload, buffers=msg.buffers)
             )
 
+    def call_output(self, call_id: int, stream: int, data: bytes) -> None:
+        """Relay what one of this session's calls wrote to ``stream`` (loop thread).
+
+        Never blocks: past :data:`OUTPUT_BACKLOG` bytes queued for the client, the bytes
+        are dropped and counted; the count goes to the client before the call's Result.
+        """
+        client_id = self._client_ids.get(call_id)
+        channel = self.channel
+        if client_id is None or channel.closed:  # the client is gone: nobody to tell
+            return
+        if channel.pending_output > OUTPUT_BACKLOG:
+            key = (call_id, stream)
+            self._dropped[key] = self._dropped.get(key, 0) + len(data)
+            return
+        if self._dropped:
+            self._note_dropped(call_id, client_id)
+        channel.send(p.Output(call_id=client_id, stream=stream, data=data))
+
+    def _note_dropped(self, call_id: int, client_id: int) -> None:
+        """Tell the client how much of a call's output was dropped (queued only)."""
+        for stream in (p.STDOUT, p.STDERR):
+            dropped = self._dropped.pop((call_id, stream), 0)
+            if dropped:
+                note = (
+                    f"\n[offload: {dropped} bytes of this call's output were dropped: the "
+                    f"client did not read them in time]\n"
+                )
+                self.channel.enqueue(
+                    (p.Output(call_id=client_id, stream=stream, data=note.encode()),)
+                )
+
+    def call_channel(self, msg: p.Message) -> None:
+        """Relay a channel message of one of this session's calls to the client."""
+        client_id = self._client_ids.get(msg.call_id)  # type: ignore[attr-defined]
+        if client_id is not None:
+            self.channel.send(msg.with_call_id(client_id))  # type: ignore[attr-defined]
+
     def flush(self) -> None:
         """Write the outcomes queued with ``call_done(..., flush=False)``."""
         self.channel.flush()
@@ -237,6 +297,8 @@ class Session:
         if self._draining:
             with self._idle:
                 self._idle.notify_all()
+        if self._dropped:
+            self._note_dropped(call_id, client_id)
         if isinstance(outcome, p.Result):
             self._tally.add(ok=True)
             self.channel.enqueue((p.with_call_id(outcome, client_id),))

@@ -28,14 +28,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from offload import protocol as p
 from offload.errors import ProtocolError
-from offload.transport.loop import Loop, on_loop_thread
+from offload.transport import shared
+from offload.transport.loop import Loop, keep_open, on_loop_thread
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from offload.protocol.messages import CallFields
 
 # Reads go into one preallocated buffer per channel: a fresh 256 KiB bytes object per
@@ -98,6 +100,16 @@ class Channel:
         # to be retried with the same bytes (under the send lock).
         self._tls_lock = threading.Lock()
         self._tls_retry: bytes | None = None
+        # A local peer's connection: large buffers go through shared memory.
+        self.shared_memory: shared.SharedMemory | None = None
+
+    def share_memory(self, threshold: int) -> None:
+        """Send buffers of ``threshold`` bytes or more through shared memory (the peer
+        must do the same: a local worker told so by its settings); before :meth:`start`."""
+        if threshold > 0 and not self.threaded:
+            # The mappings' descriptors live as long as the channel, like its socket.
+            memory = shared.SharedMemory(threshold, track=keep_open)
+            self.shared_memory = self.conn.sharing = memory
 
     def start(self, initial: bytes = b"") -> None:
         """Send our Hello and start reading; ``initial`` are bytes already received."""
@@ -194,6 +206,8 @@ class Channel:
     def _write_locked(self, chunks: list[Any]) -> bool:
         if self.threaded:
             return self._write_tls(chunks)
+        if self.shared_memory is not None and shared.is_shared(chunks):
+            return self._write_shared(chunks)
         if len(chunks) > 1:
             size = 0
             for c in chunks:
@@ -223,35 +237,45 @@ class Channel:
             return False
         return True
 
+    def _write_shared(self, chunks: list[Any]) -> bool:
+        """:meth:`_write_locked` of output that carries descriptors (shared memory)."""
+        try:
+            rest = shared.send_chunks(self.sock, chunks, socket.MSG_DONTWAIT, _IOV_MAX)
+        except OSError:
+            return False
+        if rest:
+            self._put_back(rest)
+        return True
+
     def _write_tls(self, chunks: list[Any]) -> bool:
         """:meth:`_write_locked` on a TLS socket (TLS sockets have no sendmsg)."""
         import ssl
 
-        data = memoryview(b"".join(chunks))
-        pos = 0
+        views = _tls_pieces(chunks)
         sock = self.sock
         try:
             if self._tls_retry is not None:
                 with self._tls_lock:
                     sock.send(self._tls_retry)
                 self._tls_retry = None
-            while pos < len(data):
-                piece = data[pos : pos + _TLS_PIECE]
+            while views:
+                view = views[0]
+                piece = view[:_TLS_PIECE]
                 try:
                     with self._tls_lock:
                         n = sock.send(piece)
                 except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
                     self._tls_retry = bytes(piece)  # OpenSSL wants these bytes again
-                    pos += len(piece)
+                    _consume(views, len(piece))
                     raise
-                pos += n
+                _consume(views, n)
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            self._put_back([data[pos:]] if pos < len(data) else [])
+            self._put_back(views)
         except (OSError, ValueError):
             return False
         return True
 
-    def _put_back(self, views: list[memoryview]) -> None:
+    def _put_back(self, views: list[Any]) -> None:
         """Output the socket did not take: first in line for the loop to write when the
         socket can take more (send lock held)."""
         with self._outbox_lock:
@@ -305,11 +329,14 @@ class Channel:
             try:
                 # Non-blocking: a waiting thread (see pump) may have read the bytes that
                 # woke us, and a blocking read would then stall the loop for everyone.
-                n = self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
+                n = self._recv()
             except BlockingIOError:
                 return
             except OSError:
                 n = 0
+            except ProtocolError as exc:
+                self._finish(exc)
+                return
             self._feed(self._read_view[:n] if n else b"")
         finally:
             self._read_lock.release()
@@ -359,14 +386,27 @@ class Channel:
             if not poller.poll(remaining * 1000.0):
                 return
             try:
-                n = self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
+                n = self._recv()
             except BlockingIOError:
                 continue
-            except OSError:
+            except (OSError, ProtocolError):
                 return  # the loop sees the failure too, and reports it
             if not n:
                 return  # end of file: the loop handles the worker's exit
             self._dispatch(self._read_view[:n])
+
+    def _recv(self) -> int:
+        """Read what the socket holds into the read buffer, without blocking (with the
+        descriptors that come with it on a connection with shared memory).
+
+        Raises:
+            OSError: as ``recv_into`` (BlockingIOError: nothing to read).
+            ProtocolError: descriptors were lost.
+        """
+        memory = self.shared_memory
+        if memory is None:
+            return self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
+        return shared.receive_into(self.sock, self._read_buf, socket.MSG_DONTWAIT, memory)
 
     def _feed(self, data: bytes | memoryview) -> None:
         """Decode what ``data`` completes and hand it over as one batch."""
@@ -397,10 +437,10 @@ class Channel:
         with self._read_lock:
             while not self._closed and self._reading:
                 try:
-                    n = self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
+                    n = self._recv()
                 except BlockingIOError:
                     break
-                except OSError:
+                except (OSError, ProtocolError):
                     n = 0
                 self._feed(self._read_view[:n] if n else b"")
 
@@ -416,6 +456,8 @@ class Channel:
             if self._closed:
                 return
             self._closed = True
+            if self.shared_memory is not None:
+                shared.close_fds(self._outbox)  # segments never sent
             self._outbox = []
         if self._reading:
             self._reading = False
@@ -432,6 +474,8 @@ class Channel:
             except OSError:
                 pass
         self.sock.close()
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
     def abort(self) -> None:
         """Close now and report it through ``on_close(None)`` (once)."""
@@ -447,6 +491,34 @@ class Channel:
     def closed(self) -> bool:
         """Whether the channel is closed."""
         return self._closed
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views[0]`` (written)."""
+    if n >= len(views[0]):
+        views.pop(0)
+    else:
+        views[0] = views[0][n:]
+
+
+def _tls_pieces(chunks: list[Any]) -> list[memoryview]:
+    """``chunks`` as views to write in turn: runs of small chunks joined (each TLS write
+    makes records of its own), large ones as they are (a large frame is not copied
+    into one more buffer)."""
+    views: list[memoryview] = []
+    small: list[Any] = []
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if view.nbytes < _JOIN_LIMIT:
+            small.append(view)
+            continue
+        if small:
+            views.append(memoryview(b"".join(small)))
+            small = []
+        views.append(view)
+    if small:
+        views.append(memoryview(b"".join(small)))
+    return views
 
 
 def _wait_until_ready(sock: socket.socket, *, write: bool) -> bool:

@@ -36,10 +36,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any, TypeVar
+
+TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 log = logging.getLogger("offload")
-T = TypeVar("T")
 
 
 class Timer:

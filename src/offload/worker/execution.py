@@ -10,7 +10,9 @@
    (an exception, even ``SystemExit`` raised by a ``__reduce__``) is a ``BAD_ARGUMENT``
    result; an unknown task name is ``UNKNOWN_TASK``.
 2. The callable runs on the calling thread. While it runs, :func:`report` on that thread
-   hands its values to the execution's ``report`` callback with the call's id.
+   hands its values to the execution's ``report`` callback with the call's id. Channel
+   ends among the arguments bind to the call as they are unpickled, and its senders are
+   flushed when it returns, before its result (:mod:`offload.worker.channels`).
 3. The value is pickled into an ``OK`` result (``BAD_RESULT`` when it cannot be, or when
    it exceeds ``max_message_size``); an exception the call raised becomes a ``RAISED``
    result carrying its pickle when it survives a round trip, and its text and traceback
@@ -90,6 +92,11 @@ class Execution:
         # holders of its handle): ``concurrency`` then holds across all of them. None:
         # no gate (calls run as the loop that feeds them decides).
         self.gate: Any = None
+        # The channel ends of the calls run here (offload.worker.channels.Ends), made
+        # by make_ends (set by whatever feeds the calls) when the first end arrives;
+        # with no make_ends, an end cannot be unpickled here.
+        self.ends: Any = None
+        self.make_ends: Callable[[], Any] | None = None
 
     def __repr__(self) -> str:
         progress = "progress reported" if self._report is not None else "progress dropped"
@@ -99,6 +106,9 @@ class Execution:
         """Run one call and build its Result, with ``elapsed`` set. Never raises."""
         started = _clock()
         call_id = call.call_id
+        # Channel ends among the arguments bind to this call as they are unpickled.
+        _current.call_id = call_id
+        _current.execution = self
         try:
             if call.kind == p.BY_NAME:
                 from offload.tasks import lookup
@@ -119,6 +129,8 @@ class Execution:
             else:
                 fn, args, kwargs = loads(call.payload, call.buffers)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in __reduce__ included
+            if self.ends is not None:
+                self.ends.call_ended(self.ends.current_key())
             return p.Result(
                 call_id=call_id,
                 status=p.BAD_ARGUMENT,
@@ -129,7 +141,6 @@ class Execution:
                 traceback=_format(exc),
             )
         _current.report = self._report
-        _current.call_id = call_id
         gate = self.gate  # read once: it may be installed while this call runs
         if gate is not None:
             gate.acquire()
@@ -142,6 +153,8 @@ class Execution:
                 gate.release()
             _current.report = None
             del args, kwargs, fn
+            if self.ends is not None:  # its items go before its result
+                self.ends.call_ended(self.ends.current_key())
             flush_stdio()
         return self._result(call_id, value, started)
 

@@ -20,7 +20,10 @@ stderr are separate, so nothing a task prints can corrupt the channel.
 3. Each call is run by :class:`~offload.worker.execution.Execution` and answered with
    its ``Result`` as soon as it is ready. Calls *start* in the order they arrived: the
    client relies on that to know which calls were running when a worker dies. A call
-   cancelled before it started is skipped.
+   cancelled before it started is skipped. Channel messages go to the ends of the calls
+   that hold them (:mod:`offload.worker.channels`): routed by the reader thread, or,
+   inline, read by a call's end that waits for items or credits (:meth:`pump_channels`;
+   what else it reads waits in :attr:`WorkerLoop.deferred` for the loop).
 4. ``Shutdown`` is queued behind the calls already received, so they finish first; the
    worker then runs what was registered with :meth:`WorkerLoop.before_exit` (an actor's
    listener drains its other clients), says ``Goodbye`` and exits with status 0.
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 _READ_SIZE = 1 << 18
 _IOV_MAX = 1024  # buffers one writev takes at most (Linux)
 _STOP = object()  # tells an executor thread to return
+_CHANNEL_MESSAGES = (p.ChannelData, p.ChannelCredit, p.ChannelClose)
 
 
 # Calls that waited behind others this long (seconds) are checked for a Cancel that
@@ -90,8 +94,19 @@ class WorkerLoop:
         self.execution = Execution(
             name=self.name, report=self._report, max_message_size=settings.max_message_size
         )
+        self.execution.make_ends = self._make_ends  # channel ends of its calls, on first use
+        self.shared: Any = None  # large buffers through shared memory (see _write)
+        if settings.shared_memory:
+            from offload.transport.shared import SharedMemory, receive_into
+
+            self.shared = self.conn.sharing = SharedMemory(settings.shared_memory)
+            self._receive_into = receive_into
         self.queue: SimpleQueue[Any] = SimpleQueue()
         self.cancelled: set[int] = set()
+        # Inline mode: messages read and not handled yet (read between calls, or by a
+        # call's channel end waiting for its items: see pump_channels).
+        self.deferred: deque[p.Message] = deque()
+        self._pump_lock = _thread.allocate_lock()
         # Adopted orphans' zombies, when this worker is a subreaper (see run_worker).
         self.reaper: lifeline.OrphanReaper | None = None
         self._nonblocking: Any = None  # see read_ready
@@ -124,6 +139,9 @@ class WorkerLoop:
             self._write(self.conn.send(msg))
 
     def _write(self, chunks: list[Any]) -> None:
+        if self.shared is not None and type(chunks[0]) is int:
+            self._write_shared(chunks)
+            return
         views = [memoryview(c).cast("B") for c in chunks]
         while views:
             try:
@@ -140,6 +158,52 @@ class WorkerLoop:
                 else:
                     views[0] = views[0][n:]
                     n = 0
+
+    def send_many(self, msgs: list[p.Message]) -> None:
+        """Send messages in one write; safe from any thread."""
+        with self._send_lock:
+            if self._closed:
+                return
+            chunks: list[Any] = []
+            for msg in msgs:
+                chunks += self.conn.send(msg)
+            self._write(chunks)
+
+    def _make_ends(self) -> Any:
+        """The channel ends of this worker's calls (made when the first one arrives)."""
+        from offload.worker.channels import Ends
+
+        return Ends(self.send_many, pump=self.pump_channels if self.inline else None)
+
+    def pump_channels(self, timeout: float | None) -> None:
+        """Inline mode, from a call's channel end waiting for items or credits: read
+        what arrives within ``timeout`` seconds, route the channel messages, and leave
+        the rest (calls, cancels, shutdown) to :meth:`inline_loop`, in order."""
+        import select
+
+        with self._pump_lock:  # one reader at a time (a task may have threads)
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                return
+            batch = self.read_batch()
+        ends = self.execution.ends
+        for msg in batch:
+            if type(msg) in _CHANNEL_MESSAGES:
+                ends.route(msg)
+                continue
+            if isinstance(msg, p.Cancel):
+                self.cancelled.add(msg.call_id)
+            self.deferred.append(msg)
+
+    def _write_shared(self, chunks: list[Any]) -> None:
+        """:meth:`_write` of a frame that begins with descriptors of shared memory."""
+        from offload.transport.shared import send_chunks
+
+        try:
+            while chunks:
+                chunks = send_chunks(self._socket(), chunks, 0, _IOV_MAX)
+        except OSError:
+            self._closed = True  # parent gone; the reader will notice EOF
 
     def _report(self, call_id: int, value: Any) -> None:
         """``offload.report(value)`` in a running call: send it as the call's progress."""
@@ -172,8 +236,10 @@ class WorkerLoop:
         Possible when calls run one at a time and nothing must be answered while a call
         runs (no heartbeat): parent death during a call is then caught by the
         parent-death signal, and calls that arrive meanwhile wait in the socket buffer.
+        Not for a worker started by hand (its connection is authenticated, so sealed):
+        its caller is not its parent, and only reading tells it the caller is gone.
         """
-        return self.concurrency == 1 and not self.settings.heartbeat
+        return self.concurrency == 1 and not self.settings.heartbeat and self.conn.sealer is None
 
     def read_batch(self, timeout: float | None = None) -> list[p.Message]:
         """Block until at least one frame arrives; return the complete messages.
@@ -189,10 +255,10 @@ class WorkerLoop:
                 if not ready:
                     self.die()  # no heartbeat from the client
             try:
-                n = os.readv(self.fd, [self._read_buf])
+                n = os.readv(self.fd, [self._read_buf]) if self.shared is None else self._receive(0)
             except InterruptedError:
                 continue
-            except OSError:
+            except (OSError, ProtocolError):
                 n = 0
             if not n and self.stop_requested:
                 # Our own reading side was shut (request_stop): the client is still
@@ -218,6 +284,9 @@ class WorkerLoop:
             if self.settings.shutdown_on != "explicit":
                 self.die()  # the client closed the connection
             self._closed = True  # nothing more can be sent to the client
+            if self.shared is not None:
+                with self._send_lock:  # not while a send copies into a segment
+                    self.shared.close()  # the client's segments: this process lives on
             lifeline.outlive_parent()
             self._stop_lock.acquire()  # until request_stop()
         self._stopped = True
@@ -274,7 +343,7 @@ class WorkerLoop:
         Cancel the client sent while earlier calls ran wins over running the call it
         names. (Not before each call: a pipeline of tiny calls would pay a system call
         per call, about 7% of its throughput, for a window of a millisecond.)"""
-        pending: deque[p.Message] = deque()
+        pending = self.deferred
         read_at = 0.0
         while True:
             if not pending:
@@ -308,8 +377,11 @@ class WorkerLoop:
 
         sock = self._socket()
         try:
-            n = sock.recv_into(self._read_buf, 0, _socket.MSG_DONTWAIT)
-        except OSError:  # nothing there (BlockingIOError), or gone: read_batch will see
+            if self.shared is None:
+                n = sock.recv_into(self._read_buf, 0, _socket.MSG_DONTWAIT)
+            else:
+                n = self._receive(_socket.MSG_DONTWAIT)
+        except (OSError, ProtocolError):  # nothing there, or gone: read_batch will see
             return []
         if not n:
             return []
@@ -320,6 +392,18 @@ class WorkerLoop:
         except ProtocolError:
             self.die()
         return batch
+
+    def _receive(self, flags: int) -> int:
+        """Read into the read buffer, with the descriptors of shared memory that come
+        with the bytes.
+
+        Raises:
+            OSError: as ``recv_into``.
+            ProtocolError: descriptors were lost.
+        """
+        return self._receive_into(
+            self._nonblocking or self._socket(), self._read_buf, flags, self.shared
+        )
 
     def _socket(self) -> Any:
         """The C socket type over the channel's fd (the ``socket`` package costs a worker
@@ -346,8 +430,12 @@ class WorkerLoop:
                     self.queue.put(_STOP)
             case p.Goodbye():
                 self.die()  # the client said goodbye
+            case p.ChannelData() | p.ChannelCredit() | p.ChannelClose():
+                ends = self.execution.ends
+                if ends is not None:  # else no call here ever had a channel end
+                    ends.route(msg)
             case _:
-                pass  # Hello (handled by Connection), Pong and channel traffic
+                pass  # Hello (handled by Connection) and Pong
 
     # -- execution -----------------------------------------------------------------------
 
@@ -381,11 +469,17 @@ def this_worker() -> WorkerLoop | None:
     return _this_worker
 
 
-def run_worker(settings: WorkerSettings | None = None) -> NoReturn:
+def run_worker(
+    settings: WorkerSettings | None = None, *, sealer: Any = None, leftover: bytes = b""
+) -> NoReturn:
     """Run this process as a worker until told to stop; never returns.
 
     Args:
         settings: the worker settings; read from ``OFFLOAD_WORKER`` when omitted.
+        sealer: the session's :class:`~offload.protocol.auth.Sealer`, for a worker
+            whose channel is a connection it authenticated (started by hand, see
+            :mod:`offload.worker.attach`); None over a private socketpair.
+        leftover: bytes that arrived with the end of that authentication.
 
     Raises:
         KeyError: no settings given and ``OFFLOAD_WORKER`` is not set.
@@ -402,6 +496,9 @@ def run_worker(settings: WorkerSettings | None = None) -> NoReturn:
     _set_title(settings.name)
     global _this_worker
     loop = _this_worker = WorkerLoop(settings)
+    loop.conn.sealer = sealer
+    if leftover:
+        loop.conn.receive_data(leftover)
     if lifeline.become_subreaper():
         loop.reaper = lifeline.OrphanReaper()
     lifeline.install_signal_handlers(settings.ppid)

@@ -15,6 +15,8 @@ its start.
 
 from __future__ import annotations
 
+import os
+
 TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
 if TYPE_CHECKING:
     from typing import Any
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 SETTINGS_ENV = "OFFLOAD_WORKER"
 DEFAULT_NAME = "offload-worker"
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30  # offload.protocol's (not imported: see above)
+# Buffers this large travel through shared memory between a client and its local
+# workers (offload.transport.shared); 0 where there are no memfds.
+SHARED_MEMORY = 1 << 18 if hasattr(os, "memfd_create") else 0
 # The fields in their documented order (``__slots__`` is sorted).
 _FIELDS = (
     "fd",
@@ -33,6 +38,7 @@ _FIELDS = (
     "preload",
     "heartbeat",
     "shutdown_on",
+    "shared_memory",
 )
 
 
@@ -53,6 +59,8 @@ class WorkerSettings:
         heartbeat: ``(interval, timeout)`` in seconds, or None for no heartbeats.
         shutdown_on: when the worker ends by itself: ``"parent_exit"``,
             ``"heartbeat_timeout"`` or ``"explicit"``.
+        shared_memory: buffers of at least this many bytes go through shared memory
+            on the worker's socket, both ways (0: none do).
     """
 
     __slots__ = (
@@ -63,6 +71,7 @@ class WorkerSettings:
         "name",
         "ppid",
         "preload",
+        "shared_memory",
         "shutdown_on",
         "sys_path",
     )
@@ -75,6 +84,7 @@ class WorkerSettings:
     preload: tuple[str, ...]
     heartbeat: tuple[float, float] | None
     shutdown_on: str
+    shared_memory: int
 
     def __init__(
         self,
@@ -88,6 +98,7 @@ class WorkerSettings:
         preload: tuple[str, ...] = (),
         heartbeat: tuple[float, float] | None = None,
         shutdown_on: str = "parent_exit",
+        shared_memory: int = 0,
     ) -> None:
         """Make a record; sequences are stored as tuples.
 
@@ -107,6 +118,7 @@ class WorkerSettings:
         setter(self, "preload", tuple(preload))
         setter(self, "heartbeat", heartbeat)
         setter(self, "shutdown_on", str(shutdown_on))
+        setter(self, "shared_memory", int(shared_memory))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"WorkerSettings is immutable (use replace(), not .{name} =)")
