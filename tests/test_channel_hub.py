@@ -140,3 +140,14 @@ def test_late_messages_of_ended_calls_are_dropped() -> None:
     route(items(13, hub, ["late"]))  # after its end: nobody is told
     route(p.ChannelCredit(call_id=13, channel_id=hub.id, count=1))
     assert list(rx) == []
+
+
+@pytest.mark.parametrize("bad", ["4", 1.5, None, True])
+def test_maxsize_must_be_an_int(bad: Any) -> None:
+    with pytest.raises(TypeError, match="maxsize must be an int"):
+        offload.channel(maxsize=bad)
+
+
+def test_maxsize_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="maxsize must be >= 0"):
+        offload.channel(maxsize=-1)

@@ -104,11 +104,14 @@ def channel(maxsize: int = 0) -> tuple[Sender[Any], Receiver[Any]]:
             received; 0 for no limit.
 
     Raises:
+        TypeError: ``maxsize`` is not an int.
         ValueError: ``maxsize`` is negative.
     """
+    if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+        raise TypeError(f"maxsize must be an int (0: unbounded), not {type(maxsize).__name__}")
     if maxsize < 0:
         raise ValueError(f"maxsize must be >= 0, not {maxsize}")
-    hub = Hub(maxsize)
+    hub = Hub(int(maxsize))
     return Sender(hub), Receiver(hub)
 
 
