@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,7 +429,12 @@ def _report(leaks: _Leaks, child_lines: list[str]) -> str:
         lines.extend(f"    {line}" for line in child_lines)
     if leaks.threads:
         lines.append("  leaked threads:")
-        lines.extend(f"    {t.name} (ident {t.ident}, daemon={t.daemon})" for t in leaks.threads)
+        frames = sys._current_frames()
+        for t in leaks.threads:
+            lines.append(f"    {t.name} (ident {t.ident}, daemon={t.daemon}), where it is:")
+            frame = frames.get(t.ident) if t.ident is not None else None
+            stack = traceback.format_stack(frame) if frame is not None else ["(gone)\n"]
+            lines.extend(f"      {row}" for entry in stack for row in entry.rstrip().splitlines())
     if leaks.fds:
         lines.append("  leaked file descriptors:")
         lines.extend(f"    fd {fd} -> {_fd_target(fd) or '?'}" for fd in leaks.fds)
