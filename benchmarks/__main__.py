@@ -19,6 +19,7 @@ make_importable()
 
 from benchmarks import (  # noqa: E402
     actors,
+    channel_async,
     channels,
     coldstart,
     data,
@@ -50,6 +51,7 @@ NAMES = (
     "actors",
     "data",
     "channels",
+    "channel-async",
     "waiting",
     "by-value",
 )
@@ -224,6 +226,8 @@ def run(plan: Plan, only: set[str]) -> list[Section]:
         sections += _actor_sections(plan)
     if "channels" in only:
         sections += _channel_sections(plan)
+    if "channel-async" in only:
+        sections.append(_channel_async_section(plan))
     if "data" in only:
         sections += _data_sections(plan)
     if "waiting" in only:
@@ -303,6 +307,19 @@ def _channel_sections(plan: Plan) -> list[Section]:
             ("parent → worker", channels.OFFLOAD_DOWN, channels.QUEUE_DOWN),
         )
     ]
+
+
+def _channel_async_section(plan: Plan) -> Section:
+    _log("async for over a channel in a call...")
+    return Section(
+        f"Channel, {plan.channel_items} tiny items, parent → a call's async for",
+        "items/s",
+        channel_async.run(plan.channel_items, plan.channel_reps),
+        floor=channel_async.SYNC,
+        subjects=(channel_async.ASYNC_INLINE, channel_async.ASYNC_THREADED),
+        target=Target("≥ 0.5x a plain for loop in the call", 0.5, relative=True),
+        notes=[f"bounded at {channel_async.MAXSIZE} items; no thread per item"],
+    )
 
 
 def _actor_sections(plan: Plan) -> list[Section]:

@@ -155,16 +155,7 @@ def run_remote(reps: int) -> list[Row]:
 
     with tempfile.TemporaryDirectory(prefix="offload-bench-data-") as tmp:
         token_path, token = remote._token_file(tmp)
-        base = [
-            *remote._offload_command(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            token_path,
-            "--workers",
-            "1",
-        ]
+        base = remote.serve_command(token_path, 1)
         for system, tls_args in ((OFFLOAD_TCP, None), (OFFLOAD_TLS, "tls")):
             server = None
             try:

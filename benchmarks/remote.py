@@ -130,6 +130,21 @@ def _offload_command() -> list[str]:
     return [sys.executable, "-m", "offload.cli"]
 
 
+def serve_command(token_path: str, workers: int) -> list[str]:
+    """The command line of an ``offload serve`` on a free loopback port, with the token
+    file ``token_path`` and ``workers`` worker processes; more options go after it."""
+    return [
+        *_offload_command(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        token_path,
+        "--workers",
+        str(workers),
+    ]
+
+
 def _token_file(tmp: str) -> tuple[str, str]:
     """A token file as ``offload serve`` wants it: 32 random bytes as hex text, 0600."""
     token = os.urandom(32).hex()
@@ -271,16 +286,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="offload-bench-remote-") as tmp:
         try:
             token_path, token = _token_file(tmp)
-            serve = [
-                *_offload_command(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--token-file",
-                token_path,
-                "--workers",
-                "2",
-            ]
+            serve = serve_command(token_path, 2)
             tcp = _start(servers, "offload serve", serve, _SERVING, tmp)
             inline = _start(
                 servers, "offload serve (inline)", [*serve, "--isolation", "inline"], _SERVING, tmp

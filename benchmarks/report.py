@@ -13,6 +13,9 @@ import statistics
 from dataclasses import dataclass, field
 
 OFFLOAD = "offload"
+# Rows that measure what something other than offload costs on its own (a floor that
+# bounds a ratio), not a peer to compare offload with.
+REFERENCE = "reference: "
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Section:
             for r in self.rows
             if r.system not in self.subjects
             and r.system != self.floor
-            and not r.system.startswith(OFFLOAD)
+            and not r.system.startswith((OFFLOAD, REFERENCE))
             and (v := self.value(r)) is not None
         ]
         if not peers:

@@ -5,7 +5,12 @@ waited for in one of the ways Python offers: ``result()`` on each (the reference
 ``concurrent.futures.wait``, ``as_completed``, a done callback on each, ``await`` on
 each, ``asyncio.gather``, and ``loop.run_in_executor`` for every call (gathered). The
 time covers submitting and waiting. ``multiprocessing.Pool`` (``apply_async``, then
-``get()`` on each) is the peer.
+``get()`` on each) is the peer. A reference row measures asyncio alone: the same
+``run_in_executor`` flood (and, in the round trip, one call) on an executor that runs
+``abs(-1)`` in place and returns a done ``concurrent.futures.Future``; what asyncio
+spends per call there bounds offload's ``run_in_executor`` ratios. Another measures
+``asyncio.gather`` of one awaitable whose value is ready (the task asyncio makes for
+a pending offload future, and its turns of the loop).
 
 *Round trip*: one tiny call at a time, submitted then waited for in each of those ways,
 on a pool of 1 (``multiprocessing.Pool.apply`` as the peer). Asynchronous ways are timed
@@ -30,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +63,9 @@ SINGLE_STYLES = (
     "offload, asyncio.gather(f)",
     "offload, loop.run_in_executor",
 )
+# asyncio's own cost, with no offload in it: what bounds the run_in_executor ratios.
+ASYNCIO_FLOOR = "reference: asyncio alone, run_in_executor on an executor doing nothing"
+GATHER_FLOOR = "reference: asyncio alone, gather(an awaitable with its value ready)"
 MODULE_FUNCTION = "module function (by reference)"
 FUNCTION_KINDS = (
     MODULE_FUNCTION,
@@ -97,9 +105,34 @@ def _closure(k: int) -> Callable[[Any], Any]:
 # -- flood ---------------------------------------------------------------------------------
 
 
+class _Inline(concurrent.futures.Executor):
+    """An executor that does nothing but run the call where it is submitted: what
+    ``loop.run_in_executor`` costs asyncio itself, with no executor to speak of."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+class _Ready:
+    """An awaitable whose value is ready: what ``asyncio.gather`` costs asyncio itself
+    (a task, and its turns of the loop) for one awaitable that is not an asyncio
+    future."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.value
+        yield  # a generator that never waits
+
+
 def _flood(pool: Any, style: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
     """Submit ``n`` calls of ``abs(-1)`` and wait for them the way ``style`` says."""
-    if style.endswith("run_in_executor"):
+    if style == ASYNCIO_FLOOR:
+        pool = _Inline()
+    if style.endswith("run_in_executor") or style == ASYNCIO_FLOOR:
 
         async def via_executor() -> list[Any]:
             running = asyncio.get_running_loop()
@@ -166,7 +199,7 @@ def run_flood(calls: int, reps: int) -> list[Row]:
 
     import offload
 
-    samples: dict[str, list[float]] = {s: [] for s in (*FLOOD_STYLES, PEER)}
+    samples: dict[str, list[float]] = {s: [] for s in (*FLOOD_STYLES, PEER, ASYNCIO_FLOOR)}
     errors: dict[str, str] = {}
     loop = asyncio.new_event_loop()
     pool = offload.Pool(workers=WORKERS)
@@ -179,6 +212,7 @@ def run_flood(calls: int, reps: int) -> list[Row]:
             for s in FLOOD_STYLES
         ]
         runs.append((PEER, lambda: _mp_flood(peer, calls)))
+        runs.append((ASYNCIO_FLOOR, lambda: _flood(pool, ASYNCIO_FLOOR, calls, loop)))
         for _ in range(reps):
             for name, run in runs:
                 if name in errors:
@@ -268,6 +302,14 @@ def _by_style(pool: Any, loop: asyncio.AbstractEventLoop) -> list[_Timed]:
     async def awaited() -> object:
         return await pool.submit(abs, -1)
 
+    inline = _Inline()
+
+    async def asyncio_alone() -> object:
+        return await asyncio.get_running_loop().run_in_executor(inline, abs, -1)
+
+    async def gather_alone() -> object:
+        return await asyncio.gather(_Ready(abs(-1)))
+
     styles = iter(SINGLE_STYLES)
     return [
         _sync(next(styles), lambda: pool.submit(abs, -1).result()),
@@ -277,6 +319,8 @@ def _by_style(pool: Any, loop: asyncio.AbstractEventLoop) -> list[_Timed]:
         _async(next(styles), loop, awaited),
         _async(next(styles), loop, gathered),
         _async(next(styles), loop, executor),
+        _async(ASYNCIO_FLOOR, loop, asyncio_alone),
+        _async(GATHER_FLOOR, loop, gather_alone),
     ]
 
 

@@ -161,3 +161,62 @@ def produce_nested(where: dict[str, Any], n: int) -> int:
     for i in range(n):
         tx.send(i)
     return n
+
+
+def _first_attempt(marker: str) -> bool:
+    """True once: the first call to find no file at ``marker`` makes it (a retried
+    call's attempts tell themselves apart by it). No marker (""): always."""
+    if not marker:
+        return True
+    try:
+        with open(marker, "x"):
+            return True
+    except FileExistsError:
+        return False
+
+
+def produce_dying_once(tx: Any, n: int, marker: str) -> str:
+    """Send (attempt, i) for i in 0..n-1; the first attempt then dies abruptly."""
+    first = _first_attempt(marker)
+    label = "first" if first else "again"
+    for i in range(n):
+        tx.send((label, i))
+    if first:
+        tx.flush()  # what was sent is on the wire before the process ends
+        os._exit(3)
+    return label
+
+
+def take_dying_once(rx: Any, k: int, marker: str) -> list[Any]:
+    """The first attempt takes ``k`` items and dies abruptly; the next returns the rest."""
+    if _first_attempt(marker):
+        for _ in range(k):
+            rx.recv(timeout=LIMIT)
+        os._exit(3)
+    return list(rx)
+
+
+def consume_async(rx: Any, announce: bool = False) -> tuple[list[Any], str]:
+    """What ``rx`` yields to ``async for`` (in ``asyncio.run``), then the name of the
+    error that ended it ("" for none). With ``announce``, a second coroutine reports
+    "waiting" when it first runs, which is only once the iteration waits (the parent
+    sends nothing before): were the wait to block the event loop, nothing would come."""
+    import asyncio
+
+    async def main() -> tuple[list[Any], str]:
+        async def announce_waiting() -> None:
+            if announce:
+                offload.report("waiting")
+
+        other = asyncio.ensure_future(announce_waiting())  # runs at the first wait
+        got: list[Any] = []
+        error = ""
+        try:
+            async for x in rx:
+                got.append(x)
+        except Exception as exc:  # noqa: BLE001 - its type is the answer
+            error = type(exc).__name__
+        await other
+        return got, error
+
+    return asyncio.run(main())

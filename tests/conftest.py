@@ -70,12 +70,14 @@ TIER_OF_FILE = {
     "test_messages.py": "unit",
     "test_option_validation.py": "unit",
     "test_protocol.py": "unit",
+    "test_large_frames.py": "unit",  # large frames received in place, sans-IO
     "test_public_api.py": "unit",
     "test_record.py": "unit",  # offload._record: dataclass-like records, no processes
     "test_public_api.py::test_worker_start_up_imports_stay_small": "process",  # runs python
     "test_outcome.py": "unit",
     "test_scheduler.py": "unit",
     "test_tokens.py": "unit",
+    "test_thread_output.py": "unit",  # the streams of thread_output, no process
     "test_worker_units.py": "unit",
     "test_cancel_and_options.py": "process",
     "test_conftest_self.py": "process",  # inner pytest runs whose tests start processes
@@ -96,6 +98,7 @@ TIER_OF_FILE = {
     "test_shutdown_exit_fork.py": "process",
     "test_fork_imports.py": "process",
     "test_cold_imports.py": "process",  # fresh interpreters: what import offload loads
+    "test_forkexec.py": "process",  # starting programs as Popen would, without subprocess
     "test_waiting.py": "process",  # every way of waiting for futures of real pools
     "test_by_value.py": "network",  # by-value functions, locally and through offload serve
     "test_stress.py": "process",
@@ -108,9 +111,11 @@ TIER_OF_FILE = {
     "test_large_data.py": "network",  # 64 MiB round trips; offload serve (TCP, TLS)
     "test_attach.py": "network",  # workers started by hand connect to 127.0.0.1
     "test_remote_security.py": "network",
+    "test_remote_large_frames.py": "network",  # 64 MiB through offload serve: peak memory, MACs
     "test_remote_output.py": "network",  # real offload serve servers; their tasks print
     "test_ssh.py": "network",  # a real sshd on 127.0.0.1 per test
     "test_actor_ssh.py": "network",  # actors over ssh: a real sshd on 127.0.0.1 per test
+    "test_channels_ssh.py": "network",  # channels over ssh: a real sshd on 127.0.0.1 per test
     "test_server_hardening.py": "network",
     "test_server_session.py": "network",  # a server session over socket pairs
 }

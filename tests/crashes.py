@@ -342,6 +342,21 @@ class Recorder:
             return list(self.errors)
 
 
+def started_event(future: Any) -> threading.Event:
+    """An event set once ``future``'s call has reported progress (``offload.report``),
+    or at once if it already has.
+
+    A progress callback sees only the reports made after it is added, and under load
+    the call can report before the test adds it: its report is then in
+    ``future.progress()`` (set before the callbacks are read, so one of the two sees it).
+    """
+    event = threading.Event()
+    future.add_progress_callback(lambda _value: event.set())
+    if future.progress() is not None:
+        event.set()
+    return event
+
+
 def wait_until(predicate: Callable[[], bool], limit: float) -> bool:
     """Poll ``predicate`` (what nothing can be told about, e.g. a process's end) until it
     holds or ``limit`` seconds pass; its last value."""

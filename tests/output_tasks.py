@@ -69,3 +69,14 @@ class Printer(offload.Actor):
         print(f"{self.tag} {text}")
         print(f"{self.tag} {text} on stderr", file=sys.stderr)
         return text
+
+    def numbered(self, text: str, count: int) -> int:
+        """Print ``count`` numbered lines on stdout (with ``sys.stdout.write``, then
+        ``sys.stdout.buffer``) and on stderr."""
+        for i in range(count):
+            if i % 2:
+                sys.stdout.buffer.write(f"{self.tag} {text} {i}\n".encode())
+            else:
+                sys.stdout.write(f"{self.tag} {text} {i}\n")
+            print(f"{self.tag} {text} err {i}", file=sys.stderr)
+        return count

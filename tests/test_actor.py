@@ -40,11 +40,7 @@ def wait_until(predicate: Callable[[], bool], limit: float = WAIT) -> bool:
     return crashes.wait_until(predicate, limit)
 
 
-def started(future: offload.Future[Any]) -> threading.Event:
-    """An event set when the call reports "started"."""
-    event = threading.Event()
-    future.add_progress_callback(lambda value: event.set())
-    return event
+started = crashes.started_event
 
 
 def pythonpath() -> str:

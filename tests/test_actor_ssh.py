@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,7 @@ def _socket_dir(handle: Any) -> str:
     return os.path.dirname(address.removeprefix("unix:"))
 
 
-def _started(fut: offload.Future[Any]) -> threading.Event:
-    started = threading.Event()
-    fut.add_progress_callback(lambda _: started.set())
-    return started
+_started = crashes.started_event
 
 
 # -- options -----------------------------------------------------------------------------------

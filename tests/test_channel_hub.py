@@ -14,7 +14,7 @@ import pytest
 
 import offload
 from offload import protocol as p
-from offload.client.channels import Hub, Receiver, Sender, bind, route
+from offload.client.channels import Hub, Receiver, Sender, bind, retried, route
 from offload.worker.channels import RECEIVE, SEND
 
 
@@ -151,3 +151,67 @@ def test_maxsize_must_be_an_int(bad: Any) -> None:
 def test_maxsize_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="maxsize must be >= 0"):
         offload.channel(maxsize=-1)
+
+
+# -- delivery: at most once; retries start afresh ------------------------------------------
+
+
+def test_what_a_receiving_call_had_in_flight_when_its_worker_died_is_dropped_not_repeated() -> None:
+    tx, rx = offload.channel(maxsize=8)
+    hub, owner = hub_of(tx), Owner()
+    fut = call(owner)
+    bind([(hub, RECEIVE)], 21, fut)
+    for i in range(6):
+        tx.send(i)
+    route(p.ChannelCredit(call_id=21, channel_id=hub.id, count=8))  # unpickled: 0..5 go
+    assert items_in(owner.of(p.ChannelData)) == [0, 1, 2, 3, 4, 5]
+    route(p.ChannelCredit(call_id=21, channel_id=hub.id, count=2))  # it took 0 and 1
+    # It may have taken 2 (or more) just before it died, and never said so: rather than
+    # risk a duplicate, 2..5 are dropped, and counted.
+    fut.set_exception(offload.WorkerCrashed("the worker died"))
+    tx.send(6)
+    tx.close()
+    assert list(rx) == [6]
+    assert hub.lost == 4 and "4 lost" in repr(rx)
+
+
+def test_a_retried_sender_gets_a_fresh_window_and_its_failed_attempts_items_stay() -> None:
+    tx, rx = offload.channel(maxsize=4)
+    hub, owner = hub_of(tx), Owner()
+    fut = call(owner)
+    bind([(hub, SEND)], 22, fut)
+    route(items(22, hub, ["a0", "a1", "a2", "a3"]))  # attempt 1: its whole window; dies
+    route(p.ChannelClose(call_id=22, channel_id=hub.id))  # (even after closing its end)
+    retried(22)  # the engine sends the call again
+    assert not hub.ended  # the new attempt's sender is open
+    route(items(22, hub, ["b0", "b1", "b2", "b3"]))  # attempt 2: a window of its own
+    got = [rx.recv(), rx.recv(), rx.recv(), rx.recv()]
+    assert got == ["a0", "a1", "a2", "a3"]  # the failed attempt's items, in order ...
+    assert owner.of(p.ChannelCredit) == []  # ... which earn the new attempt nothing
+    got += [rx.recv(), rx.recv()]
+    assert owner.of(p.ChannelCredit) == [p.ChannelCredit(call_id=22, channel_id=hub.id, count=2)]
+    fut.set_result(None)
+    assert got + list(rx) == ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"]
+
+
+def test_a_retried_receiver_starts_with_a_fresh_window_after_the_failed_attempts() -> None:
+    tx, _ = offload.channel(maxsize=4)
+    hub, owner = hub_of(tx), Owner()
+    fut = call(owner)
+    bind([(hub, RECEIVE)], 23, fut)
+    for i in range(4):
+        tx.send(i)
+    tx.close()
+    route(p.ChannelCredit(call_id=23, channel_id=hub.id, count=4))  # attempt 1: 0..3, end
+    hub.forward()
+    assert items_in(owner.of(p.ChannelData)) == [0, 1, 2, 3]
+    assert len(owner.of(p.ChannelClose)) == 1
+    owner.sent.clear()
+    retried(23)  # it died having acknowledged nothing: 0..3 are dropped
+    hub.forward()
+    assert owner.sent == []  # nothing goes before the new attempt's first grant
+    route(p.ChannelCredit(call_id=23, channel_id=hub.id, count=4))
+    assert owner.of(p.ChannelData) == []  # nothing left to send, but the end again:
+    assert owner.of(p.ChannelClose) == [p.ChannelClose(call_id=23, channel_id=hub.id)]
+    assert hub.lost == 4
+    fut.set_result(None)

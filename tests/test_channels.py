@@ -299,6 +299,27 @@ def test_async_iteration() -> None:
         assert asyncio.run(main(pool)) == list(range(100))
 
 
+def test_a_call_iterates_its_rx_with_async_for(submit: Submit) -> None:
+    tx, rx = offload.channel(maxsize=16)
+    fut = submit(ct.consume_async, rx, True)
+    # Another coroutine ran while the iteration waited: the wait blocks no event loop.
+    assert wait_until(lambda: fut.progress() == "waiting", WAIT), fut
+    for i in range(500):
+        tx.send(i, timeout=WAIT)
+    tx.close()
+    assert fut.result(WAIT) == (list(range(500)), "")
+
+
+def test_async_for_in_a_call_ends_with_a_crashed_producers_error() -> None:
+    with offload.Pool(workers=2) as pool:
+        tx, rx = offload.channel(maxsize=2)
+        consumer = pool.submit(ct.consume_async, rx)
+        producer = pool.submit(ct.produce_then_die, tx, 4)
+        with pytest.raises(offload.WorkerCrashed):
+            producer.result(WAIT)
+        assert consumer.result(WAIT) == ([0, 1, 2, 3], "WorkerCrashed")
+
+
 def test_recv_timeout_is_typed_on_both_sides() -> None:
     tx, rx = offload.channel()
     with pytest.raises(offload.ChannelTimeout) as info:
@@ -358,6 +379,64 @@ def test_report_still_works_next_to_channels() -> None:
         assert list(rx) == list(range(10))
         assert fut.result(WAIT) == 10
         assert fut.progress() == 10
+
+
+# --------------------------------------------------------------------------- #
+# Retries and crashes of a receiving call: at most once, a fresh window per attempt
+# --------------------------------------------------------------------------- #
+
+
+def _pool(kind: str) -> offload.Pool:
+    if kind == "threaded":
+        return offload.Pool(workers=1, concurrency=2)
+    return offload.Pool(workers=1, start_method=kind)
+
+
+@pytest.mark.parametrize("kind", ["spawn", "threaded"])
+def test_a_retried_producers_failed_attempt_items_stay_and_the_retry_follows(
+    kind: str, tmp_path: Path
+) -> None:
+    task = offload.Task(ct.produce_dying_once, retries=1, register=False)
+    with _pool(kind) as pool:
+        tx, rx = offload.channel(maxsize=4)
+        fut = pool.submit(task, tx, 6, str(tmp_path / "marker"))
+        got = list(rx)  # the crash of the first attempt does not end the stream
+        assert fut.result(WAIT) == "again"
+    assert got == [("first", i) for i in range(6)] + [("again", i) for i in range(6)]
+
+
+@pytest.mark.parametrize("kind", ["spawn", "threaded"])
+def test_a_retried_consumer_never_gets_an_item_twice(kind: str, tmp_path: Path) -> None:
+    task = offload.Task(ct.take_dying_once, retries=1, register=False)
+    k, maxsize, n = 3, 4, 40
+    with _pool(kind) as pool:
+        tx, rx = offload.channel(maxsize=maxsize)
+        fut = pool.submit(task, rx, k, str(tmp_path / "marker"))
+        for i in range(n):
+            tx.send(i, timeout=WAIT)
+        tx.close()
+        rest = fut.result(WAIT)
+    # The first attempt took 0..k-1 and died; what was in flight to it beyond what it
+    # acknowledged (at most a window) is dropped, never sent again: the retry gets a
+    # suffix, in order, with nothing it could have seen before.
+    first = rest[0]
+    assert rest == list(range(first, n))
+    assert k <= first <= k + maxsize
+    assert 0 < rx._hub.lost <= maxsize and f"{rx._hub.lost} lost" in repr(rx)  # type: ignore[attr-defined]
+
+
+def test_a_consumer_that_crashed_loses_its_in_flight_items_and_rx_comes_back() -> None:
+    with offload.Pool(workers=1) as pool:
+        tx, rx = offload.channel(maxsize=4)
+        fut = pool.submit(ct.take_dying_once, rx, 3, "")  # "": no marker: it dies
+        for i in range(6):
+            tx.send(i, timeout=WAIT)
+        with pytest.raises(offload.WorkerCrashed):
+            fut.result(WAIT)
+        tx.close()
+        rest = list(rx)  # rx is here again: what was never sent to the call
+    assert rest == list(range(6 - len(rest), 6))  # a suffix: nothing comes twice
+    assert 3 <= 6 - len(rest) <= 3 + 4
 
 
 # --------------------------------------------------------------------------- #

@@ -38,6 +38,39 @@ NOT_ON_FIRST_POOL = (
     "offload.client.ssh",
     "offload.transport.net",
     "offload.tasks",
+    # The standard library's socket, queue, struct and heapq packages (offload uses
+    # their C halves: the packages cost milliseconds of enums and re-exports), and mmap
+    # and array, which only large data needs.
+    "socket",
+    "queue",
+    "struct",
+    "heapq",
+    "mmap",
+    "array",
+)
+# What a spawned worker must not import before it answers its first call, beyond what a
+# bare interpreter has: a fresh program's pool of 2 starts two workers at once, so on 2
+# cores each of their imports costs it about as much as one of its own. The worker has
+# its own path (offload.worker, offload.protocol, the C halves of pickle and socket).
+NOT_IN_A_SPAWNED_WORKER = (
+    *NOT_ON_FIRST_POOL,
+    "concurrent.futures",
+    "logging",
+    "threading",
+    "subprocess",
+    "selectors",
+    "signal",
+    "enum",
+    "re",
+    "weakref",
+    "traceback",
+    "warnings",
+    "contextlib",
+    "locale",
+    "offload.client",
+    "offload.process",
+    "offload.transport.loop",
+    "offload.transport.channel",
 )
 
 
@@ -84,3 +117,18 @@ def test_every_public_name_still_imports_in_a_fresh_interpreter() -> None:
     # The lazy names resolve on first use: from-imports of every public name work.
     modules = _modules_after("import offload\nfor name in offload.__all__: getattr(offload, name)")
     assert "offload.client.status" in modules  # Success, PoolStats...: loaded when asked for
+
+
+def test_a_spawned_worker_imports_none_of_the_heavy_modules() -> None:
+    import offload
+
+    bare = _modules_after("pass")
+    with offload.Pool(1, start_method="spawn") as pool:
+        # eval is a builtin: the task itself imports nothing into the worker.
+        loaded = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)
+    added = set(loaded) - bare
+    assert "offload.worker.loop" in added
+    heavy = sorted(m for m in NOT_IN_A_SPAWNED_WORKER if m in added)
+    client_side = sorted(m for m in added if m.startswith("offload.client."))
+    assert not heavy, f"a spawned worker imported {heavy}"
+    assert not client_side, f"a spawned worker imported the client side: {client_side}"

@@ -14,6 +14,7 @@ with ``capfd`` (the file descriptors, where a remote call's output is written).
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def numbers(text: str, label: str) -> list[int]:
     return [int(n) for n in re.findall(re.escape(label) + r"(\d+)", text)]
 
 
-@pytest.mark.parametrize("isolation", ["pool", "process"])
+@pytest.mark.parametrize("isolation", ["pool", "process", "inline"])
 def test_remote_print_arrives_in_order_before_the_result(
     serve: ServeFactory,
     token_file: tuple[Path, str],
@@ -116,10 +117,14 @@ def test_remote_print_arrives_in_order_before_the_result(
     assert "first out" not in server.stdout() + server.stderr(), server.output()
 
 
+@pytest.mark.parametrize("isolation", ["pool", "inline"])
 def test_prefix_mode_names_the_worker_and_ends_unfinished_lines(
-    serve: ServeFactory, token_file: tuple[Path, str], capfd: pytest.CaptureFixture[str]
+    serve: ServeFactory,
+    token_file: tuple[Path, str],
+    capfd: pytest.CaptureFixture[str],
+    isolation: str,
 ) -> None:
-    server = serve()
+    server = serve("--isolation", isolation)
     with offload.connect(
         server.address,
         token=token_file[1],
@@ -202,10 +207,13 @@ def test_output_outside_any_call_stays_in_the_servers_log(
     assert announced in server.stdout(), server.output()
 
 
+@pytest.mark.parametrize("isolation", ["pool", "inline"])
 def test_two_clients_each_get_only_their_own_output(
-    serve: ServeFactory, token_file: tuple[Path, str], tmp_path: Path
+    serve: ServeFactory, token_file: tuple[Path, str], tmp_path: Path, isolation: str
 ) -> None:
-    server = serve(workers=2)
+    # Inline, the calls of both clients run at once on two threads of one process that
+    # share its stdout: the thread that writes tells whose a write is.
+    server = serve("--isolation", isolation, workers=2)
     errors: list[BaseException] = []
 
     def client(tag: str) -> None:
@@ -350,6 +358,38 @@ def test_an_actors_output_reaches_its_creator(
         printer.shutdown()
     assert lines_of(seen["out"], "said hello") == ["[printer] said hello"]
     assert lines_of(seen["err"], "said hello") == ["[printer] said hello on stderr"]
+
+
+def test_a_travelled_handles_calls_print_to_their_holder(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Calls through a handle that travelled run on threads of the actor's listener: what
+    they print goes to the holder, in order and before the result, with the holder's
+    options (a holder's handle has the defaults: ``inherit``), not to the creator
+    through the actor's pipes (whose ``prefix`` would name it)."""
+    printer = ot.Printer.options(name="printer", stdout="prefix", stderr="prefix").spawn("said")
+    seen = {"out": "", "err": ""}
+
+    def read() -> None:
+        out, err = capfd.readouterr()
+        seen["out"] += out
+        seen["err"] += err
+
+    try:
+        holder = pickle.loads(pickle.dumps(printer))  # a holder's handle: the listener
+        assert holder.numbered("held", 50).result(WAIT) == 50
+        read()  # at once: the holder's output came before its result
+        assert lines_of(seen["out"], "held") == [f"said held {i}" for i in range(50)]
+        assert lines_of(seen["err"], "held") == [f"said held err {i}" for i in range(50)]
+        # The creator's own calls still print through the actor's pipes, as it says.
+        assert printer.say("by the creator").result(WAIT) == "by the creator"
+        assert crashes.wait_until(lambda: read() or "by the creator on" in seen["err"], WAIT)
+        holder.close()
+    finally:
+        printer.shutdown()
+    read()
+    assert lines_of(seen["out"], "by the creator") == ["[printer] said by the creator"]
+    assert "[printer] said held" not in seen["out"] + seen["err"]  # never twice
 
 
 CLIENT_SCRIPT = """

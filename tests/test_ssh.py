@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import crashes
 import offload
 import ssh_tasks
 from offload import SSH
@@ -146,9 +147,8 @@ def test_timeout_and_kill_of_a_running_call_over_ssh(remote: SSH) -> None:
         sleepy = offload.Task(ssh_tasks.report_and_sleep, register=False, timeout=0.5)
         with pytest.raises(offload.TaskTimeout):
             w.submit(sleepy, 60).result(timeout=RESULT_LIMIT)
-        started = threading.Event()
         fut = w.submit(ssh_tasks.report_and_sleep, 60)
-        fut.add_progress_callback(lambda _: started.set())
+        started = crashes.started_event(fut)
         assert started.wait(RESULT_LIMIT)
         fut.kill()
         with pytest.raises(offload.WorkerKilled):
@@ -164,9 +164,8 @@ def test_timeout_and_kill_of_a_running_call_over_ssh(remote: SSH) -> None:
 def test_killing_ssh_is_connection_lost_and_leaves_nothing_behind(remote: SSH) -> None:
     w = offload.spawn(where=remote, name="doomed")
     try:
-        started = threading.Event()
         fut = w.submit(ssh_tasks.report_and_sleep, 120)
-        fut.add_progress_callback(lambda _: started.set())
+        started = crashes.started_event(fut)
         assert started.wait(RESULT_LIMIT)
         assert w.pid is not None
         server = psutil.Process(w.pid)
@@ -235,9 +234,8 @@ def test_pool_over_ssh_runs_calls_on_both_workers_of_a_host(remote: SSH, tmp_pat
 
 def test_a_pool_starts_a_dropped_ssh_host_again(remote: SSH) -> None:
     with offload.Pool(hosts=[remote], workers_per_host=1) as pool:
-        started = threading.Event()
         fut = pool.submit(ssh_tasks.report_and_sleep, 120)
-        fut.add_progress_callback(lambda _: started.set())
+        started = crashes.started_event(fut)
         assert started.wait(RESULT_LIMIT)
         (ssh,) = ssh_children()
         os.kill(ssh.pid, signal.SIGKILL)

@@ -130,6 +130,18 @@ def by_wrap_future(futures: list[Future[Any]]) -> list[Outcome]:
     return asyncio.run(main())
 
 
+def by_asyncio_wait(futures: list[Future[Any]]) -> list[Outcome]:
+    """asyncio.wait on the futures themselves: from 3.11 on it installs its callback on
+    each pending one (it ran on the I/O thread once, and woke no loop)."""
+
+    async def main() -> list[Outcome]:
+        done, pending = await asyncio.wait(futures, timeout=WAIT)
+        assert not pending and len(done) == len(set(futures))
+        return [_outcome_of(f) for f in futures]
+
+    return asyncio.run(main())
+
+
 STYLES: dict[str, Callable[[list[Future[Any]]], list[Outcome]]] = {
     "result": by_result,
     "wait": by_wait,
@@ -140,6 +152,7 @@ STYLES: dict[str, Callable[[list[Future[Any]]], list[Outcome]]] = {
     "await": by_await,
     "gather": by_gather,
     "wrap_future": by_wrap_future,
+    "asyncio_wait": by_asyncio_wait,
 }
 styles = pytest.mark.parametrize("style", list(STYLES))
 
@@ -398,3 +411,247 @@ def test_a_future_finished_untouched_needs_no_lock_of_its_own() -> None:
     assert called == [future]
     assert future.result() == 5 and future.exception() is None
     assert not future.cancel()
+
+
+# -- asyncio's view of an offload future ----------------------------------------------------------
+
+
+def test_a_done_future_is_an_asyncio_future_a_pending_one_is_not(pool: offload.Pool) -> None:
+    """asyncio takes a done offload future as one of its own (no task per future in
+    gather, wait_for, wrap_future); a pending one it wraps in a task, which it can cancel
+    at once whether or not the call runs."""
+    done = pool.submit(ph.square, 3)
+    done.result(WAIT)
+
+    async def main() -> None:
+        assert asyncio.isfuture(done)
+        assert asyncio.ensure_future(done) is done
+        assert asyncio.wrap_future(done) is done
+        assert done.get_loop() is asyncio.get_running_loop()
+        assert await done == 9
+        assert await asyncio.wait_for(done, WAIT) == 9
+        assert await asyncio.shield(done) == 9
+
+    asyncio.run(main())
+    pending: Future[Any] = Future()
+    assert not asyncio.isfuture(pending)
+
+
+def test_gather_over_many_futures_with_errors(pool: offload.Pool) -> None:
+    """Done and pending futures (a flood resolves most of them before gather looks),
+    values and the task's exceptions as themselves, with and without
+    return_exceptions; a future given twice is one child."""
+
+    async def main() -> None:
+        futures = [
+            pool.submit(ph.raise_error, "boom", i) if i % 7 == 3 else pool.submit(ph.square, i)
+            for i in range(400)
+        ]
+        gathered = await asyncio.wait_for(
+            asyncio.gather(*futures, futures[0], return_exceptions=True), WAIT
+        )
+        assert len(gathered) == 401 and gathered[400] == 0
+        for i, item in enumerate(gathered[:400]):
+            if i % 7 == 3:
+                assert type(item) is ValueError and item.args == ("boom", i), (i, item)
+            else:
+                assert item == i * i
+        with pytest.raises(ValueError) as raised:  # the first error, as itself
+            await asyncio.wait_for(asyncio.gather(*futures), WAIT)
+        assert raised.value.args[0] == "boom"
+        # All done now: gathered as asyncio futures, the errors still themselves.
+        assert all(asyncio.isfuture(f) for f in futures)
+        again = await asyncio.gather(*futures, return_exceptions=True)
+        assert [type(x) for x in again] == [type(x) for x in gathered[:400]]
+
+    asyncio.run(main())
+
+
+def test_gather_of_done_futures_with_a_cancelled_one(pool: offload.Pool) -> None:
+    cancelled: Future[Any] = Future()
+    assert cancelled.cancel()
+    done = pool.submit(ph.square, 5)
+    done.result(WAIT)
+
+    async def main() -> None:
+        [value, error] = await asyncio.gather(done, cancelled, return_exceptions=True)
+        assert value == 25 and type(error) is asyncio.CancelledError
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.gather(done, cancelled)
+        outer = asyncio.gather(done)
+        assert not outer.cancel()  # nothing left to cancel: it completes
+        assert await outer == [25]
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_gather_stops_waiting_at_once(tmp_path: Path) -> None:
+    """A gather over a running call, a queued one and a done one: cancelling it cancels
+    the queued call and ends the gather now; the running call goes on (as for
+    ``fut.cancel()``, only a call that has not started is cancelled)."""
+    marker, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    with offload.Pool(workers=1) as pool:
+        done = pool.submit(ph.square, 2)
+        done.result(WAIT)
+        held = pool.submit(ph.mark_wait_then, marker, gate, "return", "held")
+        assert ph.wait_for(marker, WAIT)
+        queued = pool.submit(ph.square, 4)
+
+        async def main() -> None:
+            outer = asyncio.gather(held, queued, done)
+            await asyncio.sleep(0)  # its tasks now await the pending futures
+            assert outer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await outer
+            # A timeout around a running call fires too.
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(held), 0.05)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(held, 0.05)
+
+        asyncio.run(main())
+        assert queued.cancelled() and not held.done()
+        ph.touch(gate)
+        assert held.result(WAIT) == "held"
+
+
+def test_one_future_awaited_from_two_loops_at_once(tmp_path: Path) -> None:
+    marker, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    with offload.Pool(workers=1) as pool:
+        held = pool.submit(ph.mark_wait_then, marker, gate, "return", 11)
+        assert ph.wait_for(marker, WAIT)
+        waiting_now = threading.Barrier(3)
+        results: dict[int, Any] = {}
+
+        def run(n: int) -> None:
+            async def main() -> Any:
+                task = asyncio.ensure_future(_await_queued(held))
+                await asyncio.sleep(0)  # the task awaits the future now
+                await asyncio.get_running_loop().run_in_executor(None, waiting_now.wait, WAIT)
+                return await task, await asyncio.gather(held, held)
+
+            results[n] = asyncio.run(main())
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        waiting_now.wait(WAIT)  # both loops await the running call
+        ph.touch(gate)
+        for t in threads:
+            t.join(WAIT)
+        assert results == {0: (11, [11, 11]), 1: (11, [11, 11])}
+
+
+def test_asyncio_callbacks_run_on_the_loop(pool: offload.Pool) -> None:
+    """A callback given a context, or installed by asyncio on a done future, runs on the
+    loop's thread, later (never at once, which asyncio's callers count on), in that
+    context; a plain callback of a done future still runs at once."""
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[tuple[str, bool, str]] = []
+    loop_thread = threading.current_thread()  # asyncio.run runs the loop here
+
+    def record(name: str) -> Callable[[Any], None]:
+        return lambda _: seen.append((name, threading.current_thread() is loop_thread, var.get()))
+
+    async def main() -> None:
+        context = contextvars.copy_context()
+        context.run(var.set, "theirs")
+        done = pool.submit(ph.square, 1)
+        done.result(WAIT)
+        done.add_done_callback(record("done, with context"), context=context)
+        done.add_done_callback(record("done, plain"))
+        assert seen == [("done, plain", True, "unset")]  # at once
+        pending: Future[Any] = Future()
+        pending.add_done_callback(record("pending, with context"), context=context)
+        removed = record("removed")
+        pending.add_done_callback(removed, context=context)
+        assert pending.remove_done_callback(removed) == 1
+        assert pending.remove_done_callback(removed) == 0
+        resolver = threading.Thread(target=pending._resolve_value, args=(2,))
+        resolver.start()
+        resolver.join(WAIT)
+        for _ in range(100):  # delivered through the loop's inbox: a few turns of it
+            if len(seen) == 3:
+                break
+            await asyncio.sleep(0)
+        assert done.remove_done_callback(removed) == 0
+
+    asyncio.run(main())
+    assert sorted(seen) == [
+        ("done, plain", True, "unset"),
+        ("done, with context", True, "theirs"),
+        ("pending, with context", True, "theirs"),
+    ]
+
+
+def test_asyncio_wait_and_as_completed_take_offload_futures(pool: offload.Pool) -> None:
+    async def main() -> None:
+        futures = [pool.submit(ph.square, i) for i in range(50)]
+        done, pending = await asyncio.wait(futures, timeout=WAIT)
+        assert not pending and len(done) == 50
+        values = sorted([await f for f in asyncio.as_completed(futures, timeout=WAIT)])
+        assert values == sorted(i * i for i in range(50))
+
+    asyncio.run(main())
+
+
+def test_a_loop_reads_an_answer_itself_only_when_it_has_nothing_else_to_do() -> None:
+    """An awaited call's answer is read on the loop's thread (as result() reads it) only
+    while the loop would otherwise sleep: nothing ready, no timer due within the read's
+    window, no descriptor ready."""
+    import socket
+
+    from offload.client.slot import PUMP_WINDOW
+
+    assert waiting.PUMP_WINDOW >= PUMP_WINDOW  # a timer due within a read is not missed
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert waiting._idle(loop)
+        handle = loop.call_soon(lambda: None)
+        assert not waiting._idle(loop)  # a callback is ready
+        handle.cancel()
+        await asyncio.sleep(0)
+        assert waiting._idle(loop)
+        r, w = socket.socketpair()
+        try:
+            loop.add_reader(r.fileno(), lambda: None)
+            assert waiting._idle(loop)
+            w.send(b"x")
+            assert not waiting._idle(loop)  # a descriptor is ready
+            loop.remove_reader(r.fileno())
+        finally:
+            r.close()
+            w.close()
+        assert waiting._idle(loop)
+        timer = loop.call_later(0.0005, lambda: None)
+        assert not waiting._idle(loop)  # a timer is due within the window
+        timer.cancel()
+
+    asyncio.run(main())
+
+
+def test_an_awaited_call_that_runs_long_does_not_hold_up_its_loop(tmp_path: Path) -> None:
+    """The loop reads an answer itself for a moment only: while a call runs on, its
+    other tasks and timers run (the call ends only once they have)."""
+    marker, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    with offload.Pool(workers=1) as pool:
+        held = pool.submit(ph.mark_wait_then, marker, gate, "return", "held")
+        assert ph.wait_for(marker, WAIT)
+
+        async def others(turns: list[int]) -> None:
+            for _ in range(20):
+                await asyncio.sleep(0.001)  # timers, each due within a read's window
+                turns.append(1)
+            ph.touch(gate)  # only now may the call end
+
+        async def main() -> tuple[Any, int]:
+            turns: list[int] = []
+            other = asyncio.ensure_future(others(turns))
+            value = await asyncio.wait_for(_await_queued(held), WAIT)
+            await other
+            return value, len(turns)
+
+        assert asyncio.run(main()) == ("held", 20)

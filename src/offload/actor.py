@@ -73,7 +73,6 @@ import itertools
 import os
 import pickle
 import stat
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable
@@ -112,6 +111,7 @@ from offload.server.host import (
     serve_actor,
     start_actor,
 )
+from offload.tokens import write_private_file
 from offload.transport.ssh import SSH
 from offload.worker.actor import actor_method
 
@@ -687,19 +687,7 @@ class ActorHandle(Generic[A]):
         """
         data, buffers = dumps(self)
         assert not buffers
-        target = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(target))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".offload-handle-")  # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_private_file(os.fspath(path), [data])
 
 
 def _ssh_target(opts: ActorOptions, start: ActorStart) -> SSHTarget:

@@ -51,6 +51,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from offload.tokens import write_private_file
+
 MAGIC = b"offload-crash-dump"
 FORMAT = 1
 DUMP_DIR_ENV = "OFFLOAD_DUMP_DIR"
@@ -98,20 +100,7 @@ def write(directory: str, stem: str, dump: Dump) -> str:
     header["blobs"] = [[name, len(data)] for name, data in dump.blobs]
     head = MAGIC + b" %d\n" % FORMAT + json.dumps(header, sort_keys=True).encode() + b"\n"
     path = os.path.join(directory, stem + SUFFIX)
-    temp = os.path.join(directory, f".{stem}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for _, data in dump.blobs:
-                f.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
+    write_private_file(path, [head, *(data for _, data in dump.blobs)])
     return path
 
 

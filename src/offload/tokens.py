@@ -13,6 +13,8 @@ a binary token byte for byte, and never shorter than 32 bytes.
   printed, removed when the process exits (:func:`remove_generated_tokens`).
 * A token file (:func:`read_token_file`) must be private to its owner, as ``ssh``
   requires of a private key.
+* Other files that hold secrets (crash dumps, saved actor handles, which carry a token)
+  are written private and whole by :func:`write_private_file`.
 
 This module imports nothing of offload's but :mod:`offload.errors` and
 :mod:`offload.protocol.auth`, so the client, the server, the CLI and ``offload.program``
@@ -27,6 +29,7 @@ from offload.errors import AuthenticationError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Protocol
 
     class ListenAddress(Protocol):
@@ -149,6 +152,31 @@ def server_token(address: ListenAddress, token_file: str | None) -> bytes:
         flush=True,
     )
     return token
+
+
+def write_private_file(path: str, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path``, in order, with mode 0600, atomically: to a fresh
+    hidden file in the same directory, renamed over ``path`` once whole (a reader never
+    sees part of it), and removed on any failure.
+
+    Raises:
+        OSError: the file cannot be written or renamed.
+    """
+    import tempfile
+
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
 
 
 # Directories of the tokens server_token() made, removed at exit: a token left behind

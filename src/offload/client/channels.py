@@ -22,7 +22,9 @@ worker side of an end is :mod:`offload.worker.channels`.
    ``rx`` is local again. A channel has one receiver at a time. Forwarded items stay
    referenced here (``Link.inflight``) until the call's grants say it consumed them;
    its last grant comes before its result, and what it was sent and did not consume goes
-   back to the front of the queue, for the next receiver.
+   back to the front of the queue, for the next receiver. A call whose worker died sent
+   no last grant: any of its in-flight items may have been taken, so they are dropped
+   and counted (``Hub.lost``): an item is delivered at most once, never twice.
 4. *Credits* (``maxsize``; 0 is unbounded). The queue here holds at most ``maxsize``
    items from the local ``tx`` (``send`` blocks; never on offload's I/O thread, which
    only ever moves what credits allow), and each call's sender may have at most
@@ -36,6 +38,11 @@ worker side of an end is :mod:`offload.worker.channels`.
    (:func:`route`), and :meth:`Link.send` sends through the engine to whichever worker
    runs the call. Items forwarded to a remote receiver are batched on the I/O thread:
    one frame for as many items as credits allow.
+6. *Retries.* A call with ``retries`` whose worker died is sent again under the same id,
+   holding the same ends: the engine calls :func:`retried` before it sends it, and each
+   of its links starts afresh (:meth:`Hub.new_attempt`): a fresh credit window, a
+   sender open again (the failed attempt's items stay queued, earning it nothing), a
+   receiver's in-flight items dropped as after any crash.
 """
 
 from __future__ import annotations
@@ -47,7 +54,15 @@ from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from offload import protocol as p
-from offload.errors import ChannelClosed, ChannelTimeout, ExecutionError, RemoteError
+from offload.errors import (
+    ChannelClosed,
+    ChannelTimeout,
+    ExecutionError,
+    RemoteError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerKilled,
+)
 from offload.worker.channels import (
     RECEIVE,
     SEND,
@@ -162,11 +177,15 @@ class Link:
         elif _receivers.get(key) is self:
             del _receivers[key]
         error = None
+        died = False
         if not future.cancelled():
             exc = future.exception()
             if isinstance(exc, ExecutionError) and not isinstance(exc, RemoteError):
                 error = exc
-        self.hub.call_ended(self, error)
+                # Its worker died or was killed mid-call: the call never said what it
+                # consumed last (a call that returned or raised did, before its result).
+                died = isinstance(exc, (WorkerCrashed, WorkerKilled, TaskTimeout))
+        self.hub.call_ended(self, error, died=died)
 
 
 class Hub:
@@ -198,6 +217,7 @@ class Hub:
         self.wakers: list[Callable[[], object]] = []  # async receivers waiting
         self.sent = 0
         self.received = 0
+        self.lost = 0  # items in flight to receiving calls that died (at most once)
         self._forwarding = threading.Lock()  # one forwarder at a time: frames stay in order
         self._forward_scheduled = False
         self._forwarded_at = 0.0  # when the last scheduled forward ran (monotonic)
@@ -206,9 +226,10 @@ class Hub:
         bound = self.maxsize or "unbounded"
         senders = self.open_links + (1 if self.local_open else 0)
         where = f"rx in call {self.receiver.call_id}" if self.receiver else "rx here"
+        lost = f", {self.lost} lost" if self.lost else ""
         return (
             f"<Channel {self.id} maxsize={bound} | {len(self.queue)} queued, {senders} "
-            f"senders open, {where}{' | ended' if self.ended else ''}>"
+            f"senders open, {where}{lost}{' | ended' if self.ended else ''}>"
         )
 
     @property
@@ -253,26 +274,51 @@ class Hub:
             RuntimeError: called where offload's answers are dispatched (a callback):
                 waiting there would hold up the very items that make room.
         """
-        import time
-
         _refuse_to_wait_in_dispatch("tx.send() on a full channel")
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise ChannelTimeout(
-                    f"channel {self.id}: still full after {timeout:g} s", timeout=timeout or 0.0
-                )
-            self.sending += 1
-            try:
-                self.not_full.wait(remaining)
-            finally:
-                self.sending -= 1
+        def room() -> Any:
             if not self.local_open:
                 raise ChannelClosed(self._why_closed())
-            if len(self.queue) < self.maxsize:
-                return
+            return None if len(self.queue) < self.maxsize else _EMPTY
+
+        self._wait_until(room, SEND, timeout, "still full after")
+
+    def _wait_until(
+        self, answer: Callable[[], Any], role: str, timeout: float | None, timed_out: str
+    ) -> Any:
+        """Wait (lock held) on ``role``'s condition (``not_full`` for local senders,
+        ``not_empty`` for local receivers) until ``answer()``, asked after each wake-up,
+        returns something other than ``_EMPTY``; return that.
+
+        Raises:
+            ChannelTimeout: still ``_EMPTY`` after ``timeout`` seconds (the message:
+                ``timed_out`` and the timeout).
+            Whatever ``answer`` raises.
+        """
+        sending = role == SEND
+        condition = self.not_full if sending else self.not_empty
+        deadline = None if timeout is None else _monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - _monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ChannelTimeout(
+                    f"channel {self.id}: {timed_out} {timeout:g} s", timeout=timeout or 0.0
+                )
+            # The counts say whether anyone waits: notifications only then.
+            if sending:
+                self.sending += 1
+            else:
+                self.receiving += 1
+            try:
+                condition.wait(remaining)
+            finally:
+                if sending:
+                    self.sending -= 1
+                else:
+                    self.receiving -= 1
+            got = answer()
+            if got is not _EMPTY:
+                return got
 
     def _why_closed(self) -> str:
         if self.handed:
@@ -316,25 +362,8 @@ class Hub:
             RuntimeError: called where offload's answers are dispatched (a callback).
             As :meth:`_take_locked`.
         """
-        import time
-
         _refuse_to_wait_in_dispatch("rx.recv() on an empty channel")
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise ChannelTimeout(
-                    f"channel {self.id}: nothing received in {timeout:g} s", timeout=timeout or 0.0
-                )
-            self.receiving += 1
-            try:
-                self.not_empty.wait(remaining)
-            finally:
-                self.receiving -= 1
-            got = self._take_locked()
-            if got is not _EMPTY:
-                return got
+        return self._wait_until(self._take_locked, RECEIVE, timeout, "nothing received in")
 
     def take_or_wake(self, waker: Callable[[], object]) -> Any:
         """The next entry, None at the end, or _EMPTY after registering ``waker`` to be
@@ -431,8 +460,10 @@ class Hub:
         if link.role == RECEIVE:
             self._wake(wakers)
 
-    def call_ended(self, link: Link, error: BaseException | None) -> None:
-        """The call of ``link`` ended (``error``: the offload error it failed with)."""
+    def call_ended(self, link: Link, error: BaseException | None, *, died: bool = False) -> None:
+        """The call of ``link`` ended (``error``: the offload error it failed with;
+        ``died``: its worker died or was killed while it ran)."""
+        lost = 0
         with self.lock:
             if link.role == SEND:
                 if link.closed:
@@ -445,14 +476,57 @@ class Hub:
                 link.closed = True
                 if self.receiver is link:
                     self.receiver = None  # rx is local again
-                # What it was sent and did not consume goes first to the next receiver
-                # (a call that crashed may have consumed part of it: at least once).
-                inflight, link.inflight = link.inflight, deque()
-                self.queue.extendleft([(entry, None) for entry in reversed(inflight)])
+                lost = self._settle_inflight(link, died)
             self.not_empty.notify_all()
             wakers = self._take_wakers()
         self._wake(wakers)
+        if lost:
+            _warn_lost(self.id, link.call_id, lost)
         self._schedule_forward()
+
+    def _settle_inflight(self, link: Link, died: bool) -> int:
+        """(Lock held.) The items forwarded to ``link``'s call that it did not say it
+        consumed: after a clean end (the call returned or raised, and its last grant
+        counted exactly what it took) they go back to the front of the queue, for the
+        next receiver; after its worker died they are dropped and counted, since any of
+        them may have been taken just before (at most once: never a duplicate). The
+        number dropped."""
+        inflight, link.inflight = link.inflight, deque()
+        if died:
+            self.lost += len(inflight)
+            return len(inflight)
+        self.queue.extendleft([(entry, None) for entry in reversed(inflight)])
+        return 0
+
+    def new_attempt(self, link: Link) -> None:
+        """``link``'s call failed on a worker and is about to be sent again (its
+        ``retries``): the next attempt starts with a fresh credit window.
+
+        A sender: the items the failed attempt sent stay queued, in order, but no longer
+        earn credits (the new attempt's window counts its own items only); a sender it
+        closed is open again. A receiver: what was in flight to the failed attempt is
+        dropped as after any crash (:meth:`_settle_inflight`); nothing more is forwarded
+        until the new attempt grants its window, and the end of the channel is told to
+        it again.
+        """
+        lost = 0
+        with self._forwarding, self.lock:  # not in the middle of a forward to the old one
+            if link.role == SEND:
+                link.consumed = 0
+                if any(source is link for _, source in self.queue):
+                    self.queue = deque(
+                        (entry, None if source is link else source) for entry, source in self.queue
+                    )
+                if link.closed:
+                    link.closed = False
+                    self.open_links += 1
+            else:
+                lost = self._settle_inflight(link, died=True)
+                link.credit = 0
+                link.attached = False
+                self.close_sent = False
+        if lost:
+            _warn_lost(self.id, link.call_id, lost)
 
     # -- messages from the calls (the I/O loop, or a thread reading its own answer) ------
 
@@ -552,6 +626,19 @@ class Hub:
             link.send(msgs)
             for source, credit in grants:
                 source.send([credit])
+
+
+def _warn_lost(channel_id: int, call_id: int, count: int) -> None:
+    import logging
+
+    logging.getLogger("offload").warning(
+        "offload: channel %d: the worker of call %d, which held rx, died; the %d items "
+        "it had been sent and had not acknowledged were dropped (a channel delivers at "
+        "most once)",
+        channel_id,
+        call_id,
+        count,
+    )
 
 
 def _refuse_to_wait_in_dispatch(what: str) -> None:
@@ -765,6 +852,15 @@ def bind(found: list[tuple[Hub, str]], call_id: int, future: Any) -> None:
         (_senders if role == SEND else _receivers)[(call_id, hub.id)] = link
         hub.bind(link)
         future.add_done_callback(link.call_ended)
+
+
+def retried(call_id: int) -> None:
+    """The call ``call_id`` failed on a worker and is sent again (its ``retries``): each
+    end it holds starts afresh (:meth:`Hub.new_attempt`)."""
+    for table in (_senders, _receivers):
+        for (held_by, _), link in list(table.items()):
+            if held_by == call_id:
+                link.hub.new_attempt(link)
 
 
 def route(msg: p.Message) -> None:

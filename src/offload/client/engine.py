@@ -19,6 +19,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterable
 
@@ -62,6 +63,23 @@ log.addHandler(logging.NullHandler())  # a library stays quiet unless configured
 # gone (a pidfd fires at once; this only bounds a process that cannot be reaped).
 ABORT_MARGIN = 5.0
 _call_ids = itertools.count(1)
+
+
+def _new_attempt(call_id: int) -> None:
+    """A call is sent again after its worker failed (``retries``): the channel ends it
+    holds start afresh, before the new attempt can talk (see ``channels.retried``)."""
+    channels = sys.modules.get("offload.client.channels")
+    if channels is not None:  # not imported: no call holds a channel end
+        channels.retried(call_id)
+
+
+def _forget_arguments(record: CallRecord) -> None:
+    """Drop what a relayed call that started carries, now that its frame holds it: a
+    worker server then holds a client's 64 MiB argument until the worker has read it,
+    not until the result comes back (a second 64 MiB). Such a call is never sent again
+    (relayed calls have no retries); a crash dump, if asked for, still wants it."""
+    if not os.environ.get("OFFLOAD_DUMP_DIR"):
+        record.payload, record.buffers = b"", ()
 
 
 class Engine:
@@ -699,6 +717,8 @@ class Engine:
                         record = self.records[call_id]
                         if record.queued_bytes:
                             self.budget.release(record)
+                        if record.attempts:  # sent again after a failed attempt
+                            _new_attempt(call_id)
                         # Running once its worker starts it (the first calls of its
                         # pipeline), not when it is sent ahead; see _promote.
                         if not record.started and calls[call_id].started_at is not None:
@@ -709,6 +729,8 @@ class Engine:
                             if call_id == self._waiting_call and proc.claim():
                                 self._claimed = proc
                         messages.append(record.fields())
+                        if record.sink is not None and record.started and not record.retries:
+                            _forget_arguments(record)
                     if proc is not None:
                         proc.send_calls(messages)
                         # Write now if the worker may run out of work; otherwise the

@@ -22,15 +22,21 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from offload.client.waiting import (
     FINAL_CONDITION,
     NO_WAITERS,
+    InContext,
     Waiters,
     await_future,
     batched_handover,
+    deliver_on_loop,
+    from_asyncio,
+    make_cancelled_error,
 )
 from offload.errors import ExecutionError
 from offload.transport.channel import in_dispatch
 
 TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
 if TYPE_CHECKING:
+    import asyncio
+    import contextvars
     from typing import Any, Protocol, TypeVar
 
     from offload.client.status import Status
@@ -257,6 +263,12 @@ class Future(concurrent.futures.Future["T"]):
             return self._state in _DONE  # one read: no lock needed
         return super().done()
 
+    def cancelled(self) -> bool:
+        """Whether the call was cancelled (never blocks)."""
+        if _LIGHT_INIT:
+            return self._state in _CANCELLED_STATES  # one read, as in done()
+        return super().cancelled()
+
     def status(self) -> Status:
         """Where the call is now, without blocking."""
         # Imported when first asked for (dataclasses: see offload.client.status).
@@ -303,6 +315,8 @@ class Future(concurrent.futures.Future["T"]):
                 builtin one on every Python version, as for :meth:`result`.
             concurrent.futures.CancelledError: the call was cancelled.
         """
+        if _LIGHT_INIT and self._state == _FINISHED:
+            return self._exception  # set before the state (asyncio.gather asks twice)
         if not self.done():
             self._before_wait(timeout)
         if _TIMEOUT_IS_BUILTIN:
@@ -330,8 +344,12 @@ class Future(concurrent.futures.Future["T"]):
         if pump is not None:
             pump.pump(self)
 
-    def cancel(self) -> bool:
+    def cancel(self, msg: Any = None) -> bool:
         """Cancel the call if it has not been sent to a worker yet.
+
+        Args:
+            msg: accepted for asyncio, which passes its cancellation message along
+                (``asyncio.gather``'s ``cancel()``); not kept.
 
         Returns:
             True if the call will never run.
@@ -406,15 +424,83 @@ class Future(concurrent.futures.Future["T"]):
 
     # -- asyncio -------------------------------------------------------------------------
 
-    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
+    def add_done_callback(
+        self,
+        fn: Callable[[concurrent.futures.Future[T]], object],
+        *,
+        context: contextvars.Context | None = None,
+    ) -> None:
         """Call ``fn(future)`` once the future is done (at once if it is already).
 
-        As ``concurrent.futures.Future.add_done_callback``, except that asyncio's
-        hand-over of this future to an event loop (``loop.run_in_executor``,
+        As ``concurrent.futures.Future.add_done_callback``, except for asyncio's
+        callbacks. Given a ``context`` (as asyncio gives one), or installed by asyncio
+        itself (``asyncio.gather``, ``wait``, ``as_completed``...), ``fn`` runs on the
+        event loop running on the calling thread, soon (never at once), in
+        ``context``, as an asyncio future's callback would; with no loop running
+        there, as any other callback (in ``context``). asyncio's hand-over of a
+        pending future to an event loop (``loop.run_in_executor``,
         ``asyncio.wrap_future``) wakes that loop once per batch of results rather than
         once per future (see :mod:`offload.client.waiting`).
         """
-        super().add_done_callback(batched_handover(self, fn))
+        handover = batched_handover(self, fn)
+        if handover is fn and (context is not None or from_asyncio(fn)):
+            if deliver_on_loop(self, fn, context, super().add_done_callback):
+                return
+            if context is not None:
+                handover = InContext(fn, context)
+        super().add_done_callback(handover)
+
+    def remove_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> int:
+        """Remove every pending ``fn`` installed with :meth:`add_done_callback` (as
+        ``asyncio.Future.remove_done_callback``; ``asyncio.wait`` and ``as_completed``
+        remove theirs).
+
+        Returns:
+            How many were removed (0 once the future is done: its callbacks have run).
+        """
+        if self.done():
+            return 0
+        with self._condition:
+            if self._state in _DONE:  # resolved meanwhile: its callbacks are running
+                return 0
+            callbacks = self._done_callbacks
+            kept = [cb for cb in callbacks if cb != fn and getattr(cb, "fn", None) != fn]
+            removed = len(callbacks) - len(kept)
+            if removed:
+                callbacks[:] = kept
+        return removed
+
+    # asyncio's view of a future. A done offload future is an asyncio future
+    # (asyncio.isfuture): asyncio.gather, asyncio.wait, wrap_future and the like use it
+    # as it is, without a task or an asyncio future of their own for each. A pending one
+    # is not: asyncio wraps it in a task, whose cancellation stops the waiting at once
+    # while the call, if it runs already, goes on (asyncio assumes that a future which
+    # refuses cancel() is done; a running call refuses, and asyncio would then wait
+    # for the call to end: a timeout would not fire).
+    _cancel_message = None  # asyncio.gather reads it from a cancelled child
+
+    @property
+    def _asyncio_future_blocking(self) -> bool | None:
+        """False (an asyncio future, not waited on) once done; None before."""
+        return False if self.done() else None
+
+    @_asyncio_future_blocking.setter
+    def _asyncio_future_blocking(self, value: bool) -> None:
+        pass  # set by a task on a future it waits on: an offload future never is one
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop of the calling thread (asyncio asks its futures for theirs; an
+        offload future belongs to no loop: any running loop can await it).
+
+        Raises:
+            RuntimeError: no event loop here (as ``asyncio.get_event_loop``).
+        """
+        import asyncio
+
+        return asyncio.get_event_loop()
+
+    def _make_cancelled_error(self) -> BaseException:
+        return make_cancelled_error()  # asyncio.gather asks a cancelled child for it
 
     def __await__(self) -> Generator[Any, None, T]:
         # Wakes the event loop once per batch of results, not once per future (see

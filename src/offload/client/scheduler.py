@@ -32,8 +32,8 @@ driver must carry out; the scheduler never does I/O, never sleeps and never read
 
 from __future__ import annotations
 
+import _heapq as heapq  # not heapq.py, which only adds what is not used here
 import enum
-import heapq
 from collections import deque
 from collections.abc import Iterable
 

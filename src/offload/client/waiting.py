@@ -34,11 +34,29 @@ per future:
   ``loop.run_in_executor`` uses) is recognised when it is installed as a done callback
   and goes through the same inbox (:func:`batched_handover`).
 
-  A single awaited call still costs one hand-off (the I/O thread reads the answer, the
-  event loop's thread is woken). Reading the worker's socket from the event loop instead
-  (a duplicate of its descriptor watched with ``loop.add_reader`` while the I/O thread
-  stops watching it) was tried: the loop's thread then read most answers itself, but
-  setting that up and tearing it down per call cost what it saved.
+* **An idle event loop reads the answer itself.** A single awaited call would cost one
+  hand-off (the I/O thread reads the answer, then wakes the loop's thread). When the
+  loop has nothing else to do (:func:`_idle`: no callback ready, no timer due within the
+  pump's window, no descriptor ready), ``await`` reads the answer on the loop's thread
+  as ``result()`` does (``Channel.pump``, at most :data:`PUMP_WINDOW`), and for
+  ``run_in_executor`` the inbox does the same once the loop has run what was ready
+  (:meth:`_Inbox.watch`). A descriptor that becomes ready meanwhile waits that long at
+  most. (Watching a duplicate of the worker's socket with ``loop.add_reader`` instead
+  was tried: setting it up and tearing it down per call cost what it saved.)
+
+* **asyncio takes a done offload future as one of its own.** ``asyncio.isfuture`` is
+  true of a done future (``Future._asyncio_future_blocking``), so ``asyncio.gather``,
+  ``wait_for``, ``shield`` and ``wrap_future`` use it as it is instead of making a task
+  per future (most of a flood's futures are done by the time they are gathered). A
+  pending future is not one: asyncio wraps it in a task. It could not be, as asyncio
+  assumes that a future whose ``cancel()`` returns False is done, and an offload
+  future refuses once its call runs (``cancel()`` as the SPEC has it): a cancelled
+  gather or a timeout would then wait for the call to end, where a task stops waiting
+  at once. Callbacks that asyncio installs (``gather``'s, ``wait``'s, ``as_completed``'s;
+  any given a ``context``) run on the loop that was running where they were installed,
+  never at once and never on the I/O thread (:func:`deliver_on_loop`, :class:`_OnLoop`,
+  through the inbox); ``asyncio.wait``, which from 3.11 on installs its callback on the
+  futures themselves, depends on it.
 """
 
 from __future__ import annotations
@@ -76,6 +94,11 @@ if TYPE_CHECKING:
         def exception(self, timeout: float | None = None) -> BaseException | None: ...
         def add_done_callback(self, fn: Callable[[Any], object]) -> None: ...
 
+
+# How long a reader may hold the thread that waits (offload.client.slot.PUMP_WINDOW; not
+# imported from there: slot imports the future, which imports this module). An event
+# loop with a timer due sooner does not read answers itself.
+PUMP_WINDOW = 0.002
 
 _PENDING = concurrent.futures._base.PENDING
 _RUNNING = concurrent.futures._base.RUNNING
@@ -231,32 +254,54 @@ class PumpingEvent(threading.Event):
 
 
 class _Inbox:
-    """What resolved for one asyncio loop: woken together, by one callback on that loop,
-    however many futures resolved meanwhile."""
+    """What resolved for one asyncio loop: delivered together, by one callback on that
+    loop, however many futures resolved meanwhile."""
 
-    __slots__ = ("_lock", "_ready", "loop")
+    __slots__ = ("_lock", "_ready", "_watched", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # Weakly: the inbox is the value of its loop's entry in _inboxes.
         self.loop = weakref.ref(loop)
         self._lock = threading.Lock()
-        # (an asyncio future of the loop, the offload future whose state it gets, or
-        # None: it only wakes an awaiting task)
-        self._ready: list[tuple[asyncio.Future[Any], Future | None]] = []
+        self._ready: list[_Wake | _OnLoop] = []
+        # The last future handed over on the loop's thread, until the loop looks at it
+        # (see watch); touched on the loop's thread only.
+        self._watched: Future | None = None
 
-    def add(self, waiter: asyncio.Future[Any], source: Future | None = None) -> None:
-        """Resolve ``waiter`` on its loop, soon (any thread): with ``source``'s outcome,
-        or with None."""
+    def watch(self, future: Future) -> None:
+        """On the loop's thread: once the loop has run what is ready, read ``future``'s
+        answer there if the loop has nothing else to do (see :func:`_idle`), rather than
+        sleep until the I/O thread wakes it. One look per batch of hand-overs."""
+        if self._watched is None:
+            loop = self.loop()
+            if loop is not None:
+                loop.call_soon(self._pump_if_idle)
+        self._watched = future
+
+    def _pump_if_idle(self) -> None:
+        future, self._watched = self._watched, None
+        loop = self.loop()
+        if future is not None and loop is not None and not future.done():
+            reader = future._pump
+            if reader is not None and _idle(loop) and not in_dispatch() and _owned_here(future):
+                reader.pump(future)
+                self._drain()  # what it resolved, now rather than on the next turn
+
+    def add(self, entry: _Wake | _OnLoop) -> None:
+        """Deliver ``entry`` on the loop, soon (from any thread)."""
         loop = self.loop()
         with self._lock:
             if loop is None or loop.is_closed():
                 self._ready.clear()  # nobody awaits there any more
                 return
-            self._ready.append((waiter, source))
+            self._ready.append(entry)
             first = len(self._ready) == 1
         if first:
             try:
-                loop.call_soon_threadsafe(self._drain)
+                if _get_running_loop() is loop:  # read on the loop's thread (watch)
+                    loop.call_soon(self._drain)  # no wake-up needed: it runs already
+                else:
+                    loop.call_soon_threadsafe(self._drain)
             except RuntimeError:  # closed meanwhile
                 with self._lock:
                     self._ready.clear()
@@ -264,23 +309,14 @@ class _Inbox:
     def _drain(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
-        for waiter, source in ready:
-            if waiter.done():  # cancelled meanwhile: it stays so
-                continue
-            if source is None:
-                waiter.set_result(None)
-            elif source.cancelled():
-                waiter.cancel()
-            else:
-                exc = source.exception(timeout=0)
-                if exc is None:
-                    waiter.set_result(source.result(timeout=0))
-                else:
-                    waiter.set_exception(_asyncio_error(exc))
+        for entry in ready:
+            entry.deliver()
 
 
 class _Wake:
-    """A done callback: hand the resolved future over to its loop's inbox."""
+    """A done callback: hand the resolved future over to its loop's inbox, which then
+    resolves ``waiter`` (an asyncio future of that loop) with ``source``'s outcome, or
+    with None (it only wakes an awaiting task)."""
 
     __slots__ = ("inbox", "source", "waiter")
 
@@ -292,7 +328,62 @@ class _Wake:
         self.source = source
 
     def __call__(self, _: object) -> None:
-        self.inbox.add(self.waiter, self.source)
+        self.inbox.add(self)
+
+    def deliver(self) -> None:
+        """On the loop: resolve the waiter."""
+        waiter, source = self.waiter, self.source
+        self.source = None  # the future holds this callback: no cycle left behind
+        if waiter.done():  # cancelled meanwhile: it stays so
+            return
+        if source is None:
+            waiter.set_result(None)
+        elif source.cancelled():
+            waiter.cancel()
+        else:
+            exc = source.exception(timeout=0)
+            if exc is None:
+                waiter.set_result(source.result(timeout=0))
+            else:
+                waiter.set_exception(_asyncio_error(exc))
+
+
+class _OnLoop:
+    """A done callback that asyncio installed (or one given a ``context``) while its
+    loop ran on this thread: it runs on that loop, as asyncio's callbacks do, delivered
+    through the loop's inbox with the others of its batch."""
+
+    __slots__ = ("context", "fn", "inbox", "source")
+
+    def __init__(self, inbox: _Inbox, fn: Callable[[Any], object], context: Any) -> None:
+        self.inbox = inbox
+        self.fn = fn
+        self.context = context
+        self.source: Any = None
+
+    def __call__(self, future: object) -> None:
+        # Kept from now until delivered only: the future holds this callback, and a
+        # cycle would keep both (and the result) until the garbage collector runs.
+        self.source = future
+        self.inbox.add(self)
+
+    def deliver(self) -> None:
+        """On the loop: ``fn(future)``, in its context; what it raises goes to the loop's
+        exception handler, as for any asyncio callback."""
+        future, self.source = self.source, None
+        try:
+            if self.context is None:
+                self.fn(future)
+            else:
+                self.context.run(self.fn, future)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported as asyncio's Handle does
+            loop = self.inbox.loop()
+            if loop is not None:
+                loop.call_exception_handler(
+                    {"message": f"Exception in callback {self.fn!r}", "exception": exc}
+                )
 
 
 def batched_handover(future: Future, fn: Callable[[Any], object]) -> Callable[[Any], object]:
@@ -322,7 +413,16 @@ def batched_handover(future: Future, fn: Callable[[Any], object]) -> Callable[[A
         waiter = closure[destination].cell_contents
     except (ValueError, IndexError, TypeError):  # another layout after all
         return fn
-    return _Wake(_inbox(loop), waiter, future)
+    inbox = _inbox(loop)
+    if _get_running_loop() is loop:  # loop.run_in_executor, on the loop's thread
+        inbox.watch(future)
+    return _Wake(inbox, waiter, future)
+
+
+def _get_running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running on this thread, or None (asyncio's, if it is imported)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio._get_running_loop() if asyncio is not None else None
 
 
 _HANDOVER = "_chain_future.<locals>._call_set_state"
@@ -368,9 +468,61 @@ def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
     return inbox
 
 
+def from_asyncio(fn: Callable[[Any], object]) -> bool:
+    """Whether ``fn`` is one of asyncio's own callbacks (``gather``'s, ``wait``'s,
+    ``shield``'s...): a function, bound method or partial of the asyncio package."""
+    target = getattr(fn, "func", fn)  # functools.partial: asyncio.wait_for's waiter
+    module = getattr(target, "__module__", None)
+    return isinstance(module, str) and (module == "asyncio" or module.startswith("asyncio."))
+
+
+def deliver_on_loop(
+    future: Future, fn: Callable[[Any], object], context: Any, add: Callable[[Any], None]
+) -> bool:
+    """Call ``fn(future)`` as an asyncio future would: on the event loop running on this
+    thread, never at once (asyncio's callers count on that: ``gather`` registers its
+    callback before the future that it completes exists), in ``context``.
+
+    ``add`` installs a done callback the ``concurrent.futures`` way. False if no loop
+    runs on this thread; then nothing was done.
+    """
+    loop = _get_running_loop()
+    if loop is None:
+        return False
+    if future.done():
+        loop.call_soon(fn, future, context=context)
+    else:
+        add(_OnLoop(_inbox(loop), fn, context))
+    return True
+
+
+class InContext:
+    """``fn(future)`` run in ``context`` (a ``contextvars.Context``): a callback given a
+    context with no event loop running where it was installed."""
+
+    __slots__ = ("context", "fn")
+
+    def __init__(self, fn: Callable[[Any], object], context: Any) -> None:
+        self.fn = fn
+        self.context = context
+
+    def __call__(self, future: object) -> None:
+        self.context.run(self.fn, future)
+
+
+def make_cancelled_error() -> BaseException:
+    """``asyncio.Future._make_cancelled_error`` for an offload future (asyncio's
+    ``gather`` asks a cancelled child for it)."""
+    import asyncio
+
+    return asyncio.CancelledError()
+
+
 def await_future(future: Future) -> Generator[Any, None, Any]:
     """``Future.__await__``: the value, or the exception, of ``future`` in a coroutine.
 
+    A loop with nothing else to do reads the answer itself first (see :func:`_idle`);
+    otherwise the task waits on an asyncio future of its loop, woken through the inbox.
     Cancelling the awaiting task cancels the call if it has not started (as with
     ``asyncio.wrap_future``); a call cancelled elsewhere raises
     ``asyncio.CancelledError`` in the awaiting task.
@@ -384,6 +536,12 @@ def await_future(future: Future) -> Generator[Any, None, Any]:
         except RuntimeError:  # iterated by hand, outside a loop: the standard way
             wrapped: asyncio.Future[Any] = asyncio.wrap_future(future)  # type: ignore[arg-type]
             return (yield from wrapped.__await__())
+        reader = future._pump
+        if reader is not None and _idle(loop) and not in_dispatch() and _owned_here(future):
+            # The loop has nothing else to do now: read the answer here, as result()
+            # does, rather than sleep until the I/O thread wakes the loop.
+            reader.pump(future)
+    if not future.done():
         waiter: asyncio.Future[None] = loop.create_future()
         future.add_done_callback(_Wake(_inbox(loop), waiter))
         try:
@@ -392,6 +550,20 @@ def await_future(future: Future) -> Generator[Any, None, Any]:
             future.cancel()
             raise
     return _outcome(future, asyncio)
+
+
+def _idle(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` has nothing to run now, nor within the window of a pump: no
+    callback ready, no timer due, no descriptor ready. Only asyncio's own loops say
+    (others, uvloop's among them, are never idle here)."""
+    ready = getattr(loop, "_ready", None)
+    scheduled = getattr(loop, "_scheduled", None)
+    selector = getattr(loop, "_selector", None)
+    if ready or ready is None or scheduled is None or selector is None:
+        return False
+    if scheduled and scheduled[0].when() < loop.time() + PUMP_WINDOW:
+        return False
+    return not selector.select(0)
 
 
 def _outcome(future: Future, asyncio: Any) -> Any:

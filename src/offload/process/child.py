@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Callable
 
@@ -41,6 +40,7 @@ from offload.transport.loop import Loop, Timer
 
 TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
 if TYPE_CHECKING:
+    import subprocess
     from typing import IO, Any
 
 log = logging.getLogger("offload")
@@ -96,8 +96,16 @@ os.register_at_fork(
 
 def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """``subprocess.Popen``, never overlapping a fork by another thread (see above)."""
+    import subprocess  # not at the top: spawning workers does without it (forkexec)
+
     with _popen_lock:
         return subprocess.Popen(argv, **kwargs)
+
+
+def popen_lock() -> threading.RLock:
+    """The popen/fork lock (see above): hold it while starting a process that execs
+    without :func:`popen` (:func:`offload.process.forkexec.start_process`)."""
+    return _popen_lock
 
 
 class _Sink:

@@ -7,8 +7,8 @@ way, so both end in :func:`become_worker`.
 
 from __future__ import annotations
 
+import _socket as socket  # not the socket package (see offload.process.spawn)
 import os
-import socket
 import sys
 from collections.abc import Callable
 

@@ -17,11 +17,10 @@ import graph this module stands above the start methods, which stand above
 
 from __future__ import annotations
 
-import socket
+import _socket as socket  # not the socket package (see offload.process.spawn)
 from collections.abc import Callable
 
 from offload.process.child import ChildProcess
-from offload.process.fork import launch_fork
 from offload.process.spawn import launch_spawn
 from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop
@@ -50,6 +49,9 @@ def launch(
         if mode not in ("inherit", "devnull", "prefix"):
             open(mode, "ab").close()
     if spec.start_method == "fork":
+        # Imported when first used, like the forkserver: a pool that spawns never needs it.
+        from offload.process.fork import launch_fork
+
         return launch_fork(spec, loop, on_exit)
     if spec.start_method == "forkserver":
         # Imported when first used: most programs never start a template process.

@@ -1,4 +1,5 @@
-"""The ``spawn`` and ``reexec`` start methods: a fresh interpreter, through ``Popen``.
+"""The ``spawn`` and ``reexec`` start methods: a fresh interpreter, started as ``Popen``
+would (:mod:`offload.process.forkexec`, which spares a fresh program ``subprocess``).
 
 ``spawn`` runs ``python -c`` with the worker's loop; ``reexec`` re-runs this very program
 (its ``offload.init()`` then becomes the worker). Either way the worker's settings travel
@@ -7,20 +8,20 @@ in the ``OFFLOAD_WORKER`` environment variable and its socket is passed by numbe
 
 from __future__ import annotations
 
+import _socket as socket  # not the socket package: its enums cost a fresh program ~3 ms
 import os
-import socket
-import subprocess
 import sys
 from collections.abc import Callable
 
-from offload.process.child import ChildProcess, popen, reap_pid
+from offload.process.child import ChildProcess, popen_lock, reap_pid
+from offload.process.forkexec import start_process
 from offload.process.spec import LaunchSpec
 from offload.transport.loop import Loop
 from offload.worker.settings import SETTINGS_ENV, encode_settings
 
 TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
 if TYPE_CHECKING:
-    from typing import IO, Any
+    from typing import Any
 
 
 def worker_argv(spec: LaunchSpec) -> list[str]:
@@ -61,52 +62,34 @@ def launch_spawn(
         env.update(spec.env)
         settings = spec.worker_settings(child_sock.fileno(), os.getpid())
         env[SETTINGS_ENV] = encode_settings(settings)
-        stdout: Any = None
+        stdout = "inherit"
         if spec.pipe_stdout or spec.stdout not in ("inherit", "devnull"):
-            stdout = subprocess.PIPE
+            stdout = "pipe"
         elif spec.stdout == "devnull":
-            stdout = subprocess.DEVNULL
-        process = popen(
-            worker_argv(spec),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            pass_fds=(child_sock.fileno(),),
-            env=env,
-            cwd=spec.cwd,
-            umask=-1 if spec.umask is None else spec.umask,
-            start_new_session=True,
-        )
+            stdout = "devnull"
+        with popen_lock():
+            started = start_process(
+                worker_argv(spec),
+                env=env,
+                cwd=spec.cwd,
+                umask=-1 if spec.umask is None else spec.umask,
+                pass_fds=(child_sock.fileno(),),
+                stdout=stdout,
+                reap=reap_pid,
+            )
     except BaseException:
         parent_sock.close()
         raise
     finally:
         child_sock.close()
-    # The loop owns the pipes' fds from here on (Popen must not close them).
-    stderr_fd = _take_fd(process.stderr)
-    stdout_fd = _take_fd(process.stdout)
+    # The loop owns the pipes' fds from here on.
     child = ChildProcess(
-        process.pid,
+        started.pid,
         spec,
         loop,
         on_exit,
-        stderr_fd=stderr_fd,
-        stdout_fd=stdout_fd,
-        reap=lambda: _reap_popen(process),
+        stderr_fd=started.stderr_fd,
+        stdout_fd=started.stdout_fd,
+        reap=started.reap,
     )
     return child, parent_sock
-
-
-def _reap_popen(process: subprocess.Popen[bytes]) -> int | None:
-    code = reap_pid(process.pid)
-    if code is not None:
-        process.returncode = code  # reaped: the Popen must never wait for the pid again
-    return code
-
-
-def _take_fd(pipe: IO[bytes] | None) -> int | None:
-    if pipe is None:
-        return None
-    fd = os.dup(pipe.fileno())
-    pipe.close()
-    return fd

@@ -36,10 +36,30 @@ file (the one ``offload serve`` writes, say) never counts; any other token is us
 for byte, so 32 random bytes that happen to end in ``\n`` stay 32 bytes.
 
 Session keys (one per direction) are derived from the token and both nonces. Without TLS,
-every later frame carries ``BLAKE2b-256(key=session key, sequence number | body)``
-(:class:`Sealer`; keyed BLAKE2b is a MAC by design, RFC 7693, and costs a third of an
-HMAC-SHA256 on a small frame), so injected, altered, reordered or replayed frames are
-rejected; with TLS the record layer already does this and the MAC is skipped.
+every later frame carries a MAC of ``sequence number | body`` under the session key of
+its direction (:class:`Sealer`), so injected, altered, reordered or replayed frames are
+rejected:
+
+* a frame whose body is under :data:`LARGE_FRAME` bytes: ``BLAKE2b-256(key=session key,
+  ...)`` (keyed BLAKE2b is a MAC by design, RFC 7693, and costs a third of an
+  HMAC-SHA256 on a small frame);
+* a larger one: ``HMAC-SHA256(session key, ...)``: on processors with SHA extensions it
+  runs at about 1 GB/s, two and a half times keyed BLAKE2b's rate in CPython, and on a
+  64 MiB argument the MAC is most of the cost of a call over loopback.
+
+Both sides pick the algorithm from the body's length. Neither MAC can be made without the
+session key, so a length altered in transit only has the receiver check some other body
+against a MAC it cannot match. A receiver checks a large frame's MAC as its pieces
+arrive (:meth:`Sealer.opening`), while they are still in the cache, and decodes the frame
+only once the MAC matched: nothing of an unproven frame is ever unpickled.
+
+With TLS the record layer already gives integrity and replay protection for every byte
+after the handshake (TLS >= 1.2: every record is authenticated, under a sequence number,
+with keys only the two ends of this connection hold), so a second MAC adds nothing and
+is skipped. Dropping it weakens nothing: the token is still proved both ways, by the
+same challenge-response, before either side reads a frame it would unpickle (a TLS peer
+without the token is refused at step 4 or 6 like a plain one); only the per-frame MAC is
+left out. Plain TCP always seals.
 """
 
 from __future__ import annotations
@@ -54,11 +74,12 @@ from offload.errors import AuthenticationError, NoWorkerAvailable, OffloadError,
 
 MAGIC = b"OFLD"
 REFUSAL_MAGIC = b"OFLN"
-AUTH_VERSION = 2  # 2: frames sealed with keyed BLAKE2b
+AUTH_VERSION = 3  # 2: frames sealed with keyed BLAKE2b; 3: large ones with HMAC-SHA256
 NONCE_SIZE = 32
 MAC_SIZE = 32
 MAX_PREAUTH_FRAME = 4096
 MIN_TOKEN_SIZE = 32
+LARGE_FRAME = 1 << 16  # frame bodies this large are sealed with HMAC-SHA256 (see above)
 
 _HELLO = struct.Struct(f"!4sH{NONCE_SIZE}s")  # client hello and challenge share a layout
 _REFUSAL = struct.Struct("!4sHHI20s")  # the size of a proof: it stands in for one
@@ -375,26 +396,51 @@ class Sealer:
 
     def seal(self, body_chunks: list[bytes | bytearray | memoryview]) -> bytes:
         """The MAC to append to the frame made of ``body_chunks``."""
-        mac = blake2b(_SEQ.pack(self._send_seq), key=self._send_key, digest_size=MAC_SIZE)
+        size = 0
+        for chunk in body_chunks:
+            size += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
+        mac = _mac_for(self._send_key, self._send_seq, size)
         for chunk in body_chunks:
             mac.update(chunk)
         self._send_seq += 1
         return mac.digest()
 
-    def open(self, body: memoryview, mac: bytes) -> None:
+    def open(self, body: memoryview, mac: bytes | memoryview) -> None:
         """Check a received frame.
 
         Raises:
             ProtocolError: the MAC does not match (altered, injected, replayed or
                 reordered frame).
         """
-        expected = blake2b(
-            _SEQ.pack(self._receive_seq), key=self._receive_key, digest_size=MAC_SIZE
-        )
-        expected.update(body)
-        if not hmac.compare_digest(expected.digest(), mac):
+        check = self.opening(body.nbytes)
+        check.update(body)
+        self.finish_opening(check, mac)
+
+    def opening(self, size: int) -> hmac.HMAC | blake2b:
+        """The MAC check of the next received frame, whose body has ``size`` bytes, to
+        feed with ``update(piece)`` as the body arrives, then to pass to
+        :meth:`finish_opening` with the MAC the frame ends with."""
+        return _mac_for(self._receive_key, self._receive_seq, size)
+
+    def finish_opening(self, check: hmac.HMAC | blake2b, mac: bytes | memoryview) -> None:
+        """Compare the MAC fed by :meth:`opening` with the one received.
+
+        Raises:
+            ProtocolError: the MAC does not match (altered, injected, replayed or
+                reordered frame).
+        """
+        if not hmac.compare_digest(check.digest(), bytes(mac)):
             raise ProtocolError(
                 f"frame {self._receive_seq} failed its integrity check (altered, injected "
                 "or replayed)"
             )
         self._receive_seq += 1
+
+
+def _mac_for(key: bytes, seq: int, size: int) -> hmac.HMAC | blake2b:
+    """A fresh MAC of the frame number ``seq`` with a body of ``size`` bytes (see the
+    module docstring), fed its sequence number already."""
+    if size >= LARGE_FRAME:
+        # OpenSSL's HMAC (SHA extensions); it drops the GIL while it hashes a big piece.
+        return hmac.new(key, _SEQ.pack(seq), "sha256")
+    return blake2b(_SEQ.pack(seq), key=key, digest_size=MAC_SIZE)

@@ -40,7 +40,7 @@ Nothing here unpickles. This module imports nothing of offload's but the errors.
 
 from __future__ import annotations
 
-import struct
+import _struct as struct  # not struct.py, which only re-exports it (a worker imports this)
 
 from offload.errors import ProtocolError
 from offload.protocol.messages import (
@@ -214,7 +214,7 @@ def decode_generic(body: memoryview, sharing: Sharing | None = None) -> Message:
                 buffers.append(body[pos : pos + n])
                 pos += n
             values["buffers"] = tuple(buffers)
-    except struct.error as exc:
+    except struct.error as exc:  # type: ignore[attr-defined]  # typeshed: only struct's
         raise ProtocolError(f"truncated {lay.cls.__name__} message") from exc
     if pos != end:
         raise ProtocolError(f"{end - pos} stray bytes after a {lay.cls.__name__} message")

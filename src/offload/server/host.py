@@ -40,6 +40,7 @@ from offload.client.slot import RawSink
 from offload.serde import function_reference
 from offload.server.inline import InlineRunner
 from offload.server.server import Server
+from offload.server.thread_output import install as install_output_routing
 from offload.tasks import task
 from offload.worker import lifeline
 from offload.worker.actor import bind_thread, set_process_actor
@@ -138,6 +139,10 @@ class Host(Server):
         self.gate = gate
         self.instance = instance
         self.worker = worker
+        if worker is not None:
+            # In a worker process, what a holder's call prints on its thread goes to that
+            # holder (thread_output), not to the creator through the worker's pipes.
+            install_output_routing()
         self.stopped = threading.Event()  # set once stop() has finished
         self._stop_lock = threading.Lock()
 

@@ -10,7 +10,8 @@ A call runs through an :class:`~offload.worker.execution.Execution`, as in a wor
 process. It still carries its client's id, which may collide with another client's: an
 ``offload.report(value)`` finds its call's session by the server-wide id of the call
 running on the reporting thread instead, and the session relabels the progress for its
-client like a worker's.
+client like a worker's. What a call prints on its thread goes to its client too, once
+the serving process routes its output (:mod:`offload.server.thread_output`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from offload import protocol as p
 from offload.client.slot import RawSink
 from offload.errors import WorkerKilled
 from offload.serde import dumps
+from offload.server.thread_output import routed
 from offload.worker.execution import Execution
 
 
@@ -91,7 +93,9 @@ class InlineRunner:
             on_thread = self._on_thread
             on_thread.call_id = call_id
             try:
-                result = self._execution.run(call)  # under the client's id: relabelled later
+                # What it prints on this thread is its caller's (see thread_output).
+                with routed(sink, call_id):
+                    result = self._execution.run(call)  # under the client's id: relabelled later
             finally:
                 on_thread.call_id = None
                 self._running.pop(call_id, None)

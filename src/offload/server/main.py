@@ -52,6 +52,11 @@ def serve_until_signalled(
 def _serve_until_signalled(
     server: Server, drain_timeout: float, announce: Callable[[str], object] | None
 ) -> int:
+    if server.isolation == "inline":
+        # Calls run on this process's threads: what they print goes to their callers.
+        from offload.server.thread_output import install
+
+        install()
     try:
         bound = server.start()
     except OSError as exc:

@@ -18,13 +18,15 @@ record only). OpenSSL forbids two threads in one connection at once, reading and
 writing included, so every call into the TLS object takes the channel's TLS lock; the
 socket is non-blocking, so none of them waits inside it: the reader waits for input
 with ``select`` outside the lock, and a write the socket cannot take is retried later,
-with the same bytes, as OpenSSL requires.
+with the same bytes, as OpenSSL requires. Closing shuts the socket down, which wakes the
+reader, and leaves closing the descriptor to the reader as it leaves: a descriptor
+closed under a thread about to select on its number can be given to a new file first.
 """
 
 from __future__ import annotations
 
+import _socket as socket  # not the socket package (see offload.process.spawn)
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +48,7 @@ _READ_SIZE = 1 << 18
 _IOV_MAX = 512
 _JOIN_LIMIT = 1 << 16  # frames of a write up to this many bytes in all are joined first
 _TLS_PIECE = 1 << 18  # bytes handed to one TLS write
+_FAIR_SHARE = 1 << 24  # bytes of a large frame read in one go before others are served
 
 # Threads other than the loop's dispatching messages they read (a waiting thread, see
 # Channel.pump; a TLS connection's reader): the callbacks of the futures they resolve run
@@ -100,6 +103,10 @@ class Channel:
         # to be retried with the same bytes (under the send lock).
         self._tls_lock = threading.Lock()
         self._tls_retry: bytes | None = None
+        # TLS: the reader thread while it runs, and whether close() has shut the socket
+        # down (both under the TLS lock): the last of the two to finish closes it.
+        self._reader: threading.Thread | None = None
+        self._shut_down = False
         # A local peer's connection: large buffers go through shared memory.
         self.shared_memory: shared.SharedMemory | None = None
 
@@ -118,13 +125,34 @@ class Channel:
         self.write(self.conn.hello())
         self._reading = True
         if self.threaded:
-            threading.Thread(
-                target=self._read_thread, args=(initial,), name="offload-tls-reader", daemon=True
-            ).start()
+            reader = threading.Thread(
+                target=self._run_reader, args=(initial,), name="offload-tls-reader", daemon=True
+            )
+            self._reader = reader
+            try:
+                reader.start()
+            except BaseException:
+                self._reader_gone()
+                raise
             return
         if initial:
             self.loop.call_soon(self._feed, initial)
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _run_reader(self, initial: bytes) -> None:
+        """The TLS reader thread: :meth:`_read_thread`, then the socket's close if the
+        channel was closed meanwhile (see :meth:`close`)."""
+        try:
+            self._read_thread(initial)
+        finally:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        with self._tls_lock:
+            self._reader = None
+            shut_down = self._shut_down
+        if shut_down:
+            self.sock.close()
 
     def _read_thread(self, initial: bytes) -> None:
         import ssl
@@ -133,9 +161,11 @@ class Channel:
             self._dispatch(initial)
         sock = self.sock
         while not self._closed:
+            # The rest of a large frame is read straight into its own memory.
+            target = self.conn.receive_buffer()
             try:
                 with self._tls_lock:
-                    n = sock.recv_into(self._read_buf)
+                    n = sock.recv_into(self._read_buf if target is None else target)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
                 if _wait_until_ready(sock, write=isinstance(exc, ssl.SSLWantWriteError)):
                     continue
@@ -143,11 +173,16 @@ class Channel:
             except (OSError, ValueError):
                 n = 0
             with self._read_lock:
+                if n and target is not None:
+                    self.conn.received_into(n)
+                    if self.conn.receive_buffer() is None:  # the frame is whole
+                        self._dispatch(None)
+                    continue
                 self._dispatch(self._read_view[:n] if n else b"")
             if not n:
                 return
 
-    def _dispatch(self, data: bytes | memoryview) -> None:
+    def _dispatch(self, data: bytes | memoryview | None) -> None:
         """:meth:`_feed` on a thread other than the loop's (see :func:`in_dispatch`)."""
         _dispatching.depth = getattr(_dispatching, "depth", 0) + 1
         try:
@@ -329,7 +364,7 @@ class Channel:
             try:
                 # Non-blocking: a waiting thread (see pump) may have read the bytes that
                 # woke us, and a blocking read would then stall the loop for everyone.
-                n = self._recv()
+                n = self._receive()
             except BlockingIOError:
                 return
             except OSError:
@@ -337,7 +372,7 @@ class Channel:
             except ProtocolError as exc:
                 self._finish(exc)
                 return
-            self._feed(self._read_view[:n] if n else b"")
+            self._feed(None if n else b"")
         finally:
             self._read_lock.release()
 
@@ -386,17 +421,53 @@ class Channel:
             if not poller.poll(remaining * 1000.0):
                 return
             try:
-                n = self._recv()
+                n = self._receive()
             except BlockingIOError:
                 continue
             except (OSError, ProtocolError):
                 return  # the loop sees the failure too, and reports it
             if not n:
                 return  # end of file: the loop handles the worker's exit
-            self._dispatch(self._read_view[:n])
+            self._dispatch(None)
 
-    def _recv(self) -> int:
-        """Read what the socket holds into the read buffer, without blocking (with the
+    def _receive(self) -> int:
+        """Read what the socket holds, without blocking, and give it to the protocol
+        state (not decoded yet: see :meth:`_feed`); the bytes read, 0 at end of file.
+
+        The rest of a large frame is read straight into its own memory (see
+        :meth:`Connection.receive_buffer <offload.protocol.Connection.receive_buffer>`),
+        read after read until the socket is empty, the frame whole, or
+        :data:`_FAIR_SHARE` bytes read (the loop then serves the others before it comes
+        back): no copy, and no wake-up of the loop per 256 KiB.
+
+        Raises:
+            OSError: as ``recv_into`` (BlockingIOError: nothing to read).
+            ProtocolError: descriptors were lost.
+        """
+        conn = self.conn
+        target = conn.receive_buffer()
+        if target is None:
+            n = self._recv(self._read_buf)
+            if n:
+                conn.receive_data(self._read_view[:n])
+            return n
+        total = 0
+        while target is not None and total < _FAIR_SHARE:
+            try:
+                n = self._recv(target)
+            except BlockingIOError:
+                if total:
+                    return total
+                raise
+            if not n:
+                return total  # (the end of file, if any, is read again next time)
+            conn.received_into(n)
+            total += n
+            target = conn.receive_buffer()
+        return total
+
+    def _recv(self, buf: bytearray | memoryview) -> int:
+        """Read what the socket holds into ``buf``, without blocking (with the
         descriptors that come with it on a connection with shared memory).
 
         Raises:
@@ -405,12 +476,14 @@ class Channel:
         """
         memory = self.shared_memory
         if memory is None:
-            return self.sock.recv_into(self._read_buf, 0, socket.MSG_DONTWAIT)
-        return shared.receive_into(self.sock, self._read_buf, socket.MSG_DONTWAIT, memory)
+            return self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+        return shared.receive_into(self.sock, buf, socket.MSG_DONTWAIT, memory)
 
-    def _feed(self, data: bytes | memoryview) -> None:
-        """Decode what ``data`` completes and hand it over as one batch."""
-        self.conn.receive_data(data)
+    def _feed(self, data: bytes | memoryview | None) -> None:
+        """Decode what ``data`` completes (None: what :meth:`_receive` gave the
+        protocol state already) and hand it over as one batch."""
+        if data is not None:
+            self.conn.receive_data(data)
         batch: list[p.Message] = []
         ended = False
         error: BaseException | None = None
@@ -437,12 +510,12 @@ class Channel:
         with self._read_lock:
             while not self._closed and self._reading:
                 try:
-                    n = self._recv()
+                    n = self._receive()
                 except BlockingIOError:
                     break
                 except (OSError, ProtocolError):
                     n = 0
-                self._feed(self._read_view[:n] if n else b"")
+                self._feed(None if n else b"")
 
     def _finish(self, error: BaseException | None) -> None:
         if self._closed:
@@ -467,13 +540,22 @@ class Channel:
             self._unwatch_writable()
         else:
             self.loop.call_soon(self._unwatch_writable)
+        reader_closes = False
         if self.threaded:
-            try:
-                with self._tls_lock:  # no TLS call under way (shutdown drops the TLS object)
+            with self._tls_lock:  # no TLS call under way (shutdown drops the TLS object)
+                try:
                     self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
-            except OSError:
-                pass
-        self.sock.close()
+                except OSError:
+                    pass
+                self._shut_down = True
+                # The reader may have taken the socket's descriptor number for select
+                # and not be waiting yet: closed now, the number could go to a new file
+                # (under load it did), and the reader would wait on that file forever,
+                # never seeing the shutdown. The reader closes the socket as it leaves.
+                reader = self._reader
+                reader_closes = reader is not None and reader is not threading.current_thread()
+        if not reader_closes:
+            self.sock.close()
         if self.shared_memory is not None:
             self.shared_memory.close()
 

@@ -25,7 +25,7 @@ The clock is injectable (``Loop(clock=...)``) for tests of timer logic.
 
 from __future__ import annotations
 
-import heapq
+import _heapq as heapq  # not heapq.py (see offload.client.scheduler)
 import itertools
 import logging
 import os
@@ -33,9 +33,9 @@ import select
 import selectors
 import threading
 import time
+from _queue import SimpleQueue  # not queue's: its module costs a fresh program ~1 ms
 from collections import deque
 from collections.abc import Callable
-from queue import SimpleQueue
 
 TYPE_CHECKING = False  # not typing's: a fresh program's first pool imports no typing
 if TYPE_CHECKING:

@@ -32,15 +32,15 @@ does too (descriptors still in flight in a socket die with it).
 from __future__ import annotations
 
 import _socket as socket  # not the socket package: a worker imports this module
-import mmap
 import os
-from array import array
 from collections import deque
 
 from offload.errors import ProtocolError
 
 TYPE_CHECKING = False  # a worker imports this at start-up; typing costs milliseconds
 if TYPE_CHECKING:
+    import mmap  # imported when a segment is first mapped (a worker starts faster)
+    from array import array  # imported when descriptors first travel (idem)
     from collections.abc import Callable
     from typing import Any
 
@@ -157,6 +157,8 @@ class SharedMemory:
         return seg
 
     def _map(self, fd: int, size: int) -> mmap.mmap:
+        import mmap
+
         mapping = mmap.mmap(fd, size)
         track = self._track
         if track is not None:
@@ -290,7 +292,7 @@ def _close_quietly(mapping: mmap.mmap) -> None:
         pass  # views of it live on; it is unmapped with the last of them
 
 
-def receive_into(sock: Any, buf: bytearray, flags: int, shared: SharedMemory) -> int:
+def receive_into(sock: Any, buf: bytearray | memoryview, flags: int, shared: SharedMemory) -> int:
     """``sock.recv_into(buf, 0, flags)`` that hands the descriptors that come with the
     bytes to ``shared``.
 
@@ -309,6 +311,8 @@ def _take_fds(
 ) -> None:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            from array import array
+
             fds = array("i")
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
             shared.push_fds(fds)
@@ -337,7 +341,11 @@ def send_chunks(sock: Any, chunks: list[Any], flags: int, iov_max: int) -> list[
         if not views:  # nothing to carry them (cannot happen: they precede their frame)
             close_fds(fds)
             return []
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+        ancillary: list[tuple[int, int, Any]] = []
+        if fds:
+            from array import array
+
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds)))
         try:
             n = sock.sendmsg(views, ancillary, flags)
         except (BlockingIOError, InterruptedError):

@@ -27,6 +27,10 @@ id like ``Progress`` (worker to hub) and ``Cancel`` (hub to worker).
    nobody reads while a call runs; an end waiting for credits or items then reads the
    socket itself (``pump``), routing channel messages and leaving the rest (calls,
    cancels, shutdown) to the worker loop, in order.
+5. ``async for`` over a receiver takes what has arrived without waiting. An empty end
+   registers a waker, which the thread delivering the next frame (the door's reader)
+   fires with one ``call_soon_threadsafe``; where nobody reads but the call's own thread
+   (``pump``), one executor hand-off per empty wait reads the socket.
 
 The frames: ``ChannelData(kind=ITEMS)`` carries a pickled list of the items' in-band
 pickles; ``BLOBS`` a pickled list of blobs (``send_bytes``); ``OBJECT`` one item with
@@ -64,6 +68,8 @@ _GRANT_MAX = 4096
 # An inline worker's end reads the socket for at most this long before it looks again
 # (another thread of the task may have read its item meanwhile).
 _PUMP_MAX = 0.05
+_END = object()  # Receiver._take_locked: the channel ended
+_EMPTY = object()  # Receiver._take_locked: nothing yet
 
 
 def encode_item(obj: Any) -> Entry:
@@ -420,6 +426,9 @@ class Receiver:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0  # threads waiting on _cond
+        # Coroutines waiting (``async for``): each is woken once, from the thread that
+        # delivers, by one ``call_soon_threadsafe`` for a whole frame of items.
+        self._wakers: list[Callable[[], object]] = []
         self._items: deque[Entry] = deque()
         self._consumed = 0  # since the last grant
         self._received = 0
@@ -440,6 +449,9 @@ class Receiver:
             self._items.extend(entries)
             if self._waiting:
                 self._cond.notify()
+            wakers = self._take_wakers()
+        if wakers:
+            _wake(wakers)
 
     def finish(self, error: bytes) -> None:
         """Every sender is done; ``error`` (pickled), when set, is raised after the items."""
@@ -447,6 +459,8 @@ class Receiver:
             self._ended = True
             self._error = error
             self._cond.notify_all()
+            wakers = self._take_wakers()
+        _wake(wakers)
 
     def detach(self) -> None:
         """The call ended (its Result is not sent yet): this end receives no more. The
@@ -456,6 +470,8 @@ class Receiver:
             self._detached = True
             self._cond.notify_all()
             consumed, self._consumed = self._consumed, 0
+            wakers = self._take_wakers()
+        _wake(wakers)
         if consumed:
             self._ends.send(
                 [p.ChannelCredit(call_id=self.call_id, channel_id=self.channel_id, count=consumed)]
@@ -469,23 +485,12 @@ class Receiver:
             ChannelClosed: the call that held this end ended.
             OffloadError: the channel ended with a sender's call's error.
         """
-        grant = 0
         deadline = None
         with self._lock:
             while True:
-                if self._items:
-                    entry = self._items.popleft()
-                    self._received += 1
-                    self._consumed += 1
-                    if self._consumed >= self._step:
-                        grant, self._consumed = self._consumed, 0
+                got = self._take_locked()
+                if got is not _EMPTY:
                     break
-                if self._ended:
-                    if self._error:
-                        raise loads(self._error)
-                    return None
-                if self._detached:
-                    raise ChannelClosed(f"channel {self.channel_id}: its call ended")
                 if timeout is not None and deadline is None:
                     deadline = _monotonic() + timeout
                 remaining = None if deadline is None else deadline - _monotonic()
@@ -495,11 +500,64 @@ class Receiver:
                         timeout=timeout or 0.0,
                     )
                 self._wait(remaining)
+        return self._taken(got)
+
+    def _take_locked(self) -> Any:
+        """(Lock held.) ``(entry, grant)`` (``grant``: credits to send the hub now, 0 for
+        none), ``_END`` at the end of the channel, or ``_EMPTY``.
+
+        Raises:
+            ChannelClosed: the call that held this end ended.
+            OffloadError: the channel ended with a sender's call's error.
+        """
+        if self._items:
+            entry = self._items.popleft()
+            self._received += 1
+            self._consumed += 1
+            grant = 0
+            if self._consumed >= self._step:
+                grant, self._consumed = self._consumed, 0
+            return (entry, grant)
+        if self._ended:
+            if self._error:
+                raise loads(self._error)
+            return _END
+        if self._detached:
+            raise ChannelClosed(f"channel {self.channel_id}: its call ended")
+        return _EMPTY
+
+    def _taken(self, got: Any) -> Entry | None:
+        """The entry of what :meth:`_take_locked` returned (not ``_EMPTY``), after
+        granting the hub what it earned; None at the end."""
+        if got is _END:
+            return None
+        entry, grant = got
         if grant:
             self._ends.send(
                 [p.ChannelCredit(call_id=self.call_id, channel_id=self.channel_id, count=grant)]
             )
-        return entry
+        return entry  # type: ignore[no-any-return]
+
+    def _take_or_wake(self, waker: Callable[[], object]) -> Any:
+        """The next entry, None at the end, or ``_EMPTY`` after registering ``waker``
+        to be called once something arrives (``async for``).
+
+        Raises:
+            As :meth:`_next_entry`.
+        """
+        with self._lock:
+            got = self._take_locked()
+            if got is _EMPTY:
+                self._wakers.append(waker)
+                return _EMPTY
+        return self._taken(got)
+
+    def _take_wakers(self) -> list[Callable[[], object]]:
+        """(Lock held.) The coroutines' wakers, to call once the lock is released."""
+        wakers = self._wakers
+        if wakers:
+            self._wakers = []
+        return wakers
 
     def _wait(self, timeout: float | None) -> None:
         pump = self._ends.pump
@@ -558,11 +616,35 @@ class Receiver:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[Any]:
+        # What has arrived is taken without waiting; an empty end registers a waker that
+        # the delivering thread (the door's reader) resolves with one
+        # call_soon_threadsafe for a whole frame, so no thread is used per wait. Only a
+        # worker that reads its socket on the call's own thread (``pump``) needs one to
+        # read it while the event loop runs on: one hand-off per empty wait, not per item.
         import asyncio
 
         loop = asyncio.get_running_loop()
+        pump = self._ends.pump is not None
         while True:
-            entry = await loop.run_in_executor(None, self._next_entry, None)
+            with self._lock:
+                got = self._take_locked()
+            if got is not _EMPTY:
+                entry = self._taken(got)
+            elif pump:
+                entry = await loop.run_in_executor(None, self._next_entry, None)
+            else:
+                waiter = loop.create_future()
+
+                def wake(waiter: asyncio.Future[None] = waiter) -> None:
+                    try:
+                        loop.call_soon_threadsafe(_settle, waiter)
+                    except RuntimeError:  # that loop is closed: nobody waits any more
+                        pass
+
+                entry = self._take_or_wake(wake)
+                if entry is _EMPTY:
+                    await waiter
+                    continue
             if entry is None:
                 return
             yield decode_item(entry)
@@ -572,6 +654,16 @@ class Receiver:
             "a channel end that a call received cannot travel further; pass the "
             "channel's end from the process that made it"
         )
+
+
+def _settle(waiter: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake(wakers: list[Callable[[], object]]) -> None:
+    for wake in wakers:
+        wake()
 
 
 _make_lock = threading.Lock()

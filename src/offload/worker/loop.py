@@ -117,6 +117,7 @@ class WorkerLoop:
         self._exit_hooks: list[Callable[[], object]] = []
         self.stop_requested = False
         self._stopped = False  # the end of the input was turned into a Shutdown
+        self._leaving = False  # all done: Goodbye sent or being sent, exit status 0 next
         # Held until request_stop(): an explicit worker whose client is gone waits on it.
         self._stop_lock = _thread.allocate_lock()
         self._stop_lock.acquire()
@@ -216,6 +217,7 @@ class WorkerLoop:
 
     def say_goodbye(self) -> None:
         """Send Goodbye after the last result, and send nothing more."""
+        self._leaving = True  # from here the end of the input is no news (see die)
         with self._send_lock:
             if not self._closed:
                 self._write(self.conn.send(p.Goodbye(reason="shutdown")))
@@ -223,7 +225,14 @@ class WorkerLoop:
 
     def die(self) -> NoReturn:
         """The client is gone or broke the protocol: end this worker and its process
-        group now (:func:`offload.worker.lifeline.die`)."""
+        group now (:func:`offload.worker.lifeline.die`); but with status 0 once it is
+        leaving on purpose (:meth:`say_goodbye`)."""
+        if self._leaving:
+            # The main thread is exiting with status 0 (its calls done, its Goodbye
+            # written) and the client, which closes the connection when it reads the
+            # Goodbye, won the race to the reader. A worker started by hand shows this
+            # status to whoever started it: a graceful end is 0.
+            os._exit(0)
         self._closed = True
         lifeline.die()
 
@@ -254,8 +263,11 @@ class WorkerLoop:
                 ready, _, _ = select.select([self.fd], [], [], timeout)
                 if not ready:
                     self.die()  # no heartbeat from the client
+            # The rest of a large frame is read straight into its own memory.
+            target = self.conn.receive_buffer()
+            buf = self._read_buf if target is None else target
             try:
-                n = os.readv(self.fd, [self._read_buf]) if self.shared is None else self._receive(0)
+                n = os.readv(self.fd, [buf]) if self.shared is None else self._receive(0, buf)
             except InterruptedError:
                 continue
             except (OSError, ProtocolError):
@@ -264,7 +276,12 @@ class WorkerLoop:
                 # Our own reading side was shut (request_stop): the client is still
                 # there, and the results of the calls read already still go to it.
                 return self._client_gone()
-            self.conn.receive_data(self._read_view[:n] if n else b"")
+            if n and target is not None:
+                self.conn.received_into(n)
+                if self.conn.receive_buffer() is not None:
+                    continue  # not whole yet
+            else:
+                self.conn.receive_data(self._read_view[:n] if n else b"")
             batch: list[p.Message] = []
             try:
                 ended = self.conn.next_events(batch) is p.CLOSED
@@ -376,16 +393,21 @@ class WorkerLoop:
         import _socket  # only once calls come in batches: not on every worker's start-up
 
         sock = self._socket()
+        target = self.conn.receive_buffer()  # the rest of a large frame, if one is under way
+        buf = self._read_buf if target is None else target
         try:
             if self.shared is None:
-                n = sock.recv_into(self._read_buf, 0, _socket.MSG_DONTWAIT)
+                n = sock.recv_into(buf, 0, _socket.MSG_DONTWAIT)
             else:
-                n = self._receive(_socket.MSG_DONTWAIT)
+                n = self._receive(_socket.MSG_DONTWAIT, buf)
         except (OSError, ProtocolError):  # nothing there, or gone: read_batch will see
             return []
         if not n:
             return []
-        self.conn.receive_data(self._read_view[:n])
+        if target is not None:
+            self.conn.received_into(n)
+        else:
+            self.conn.receive_data(self._read_view[:n])
         batch: list[p.Message] = []
         try:
             self.conn.next_events(batch)
@@ -393,17 +415,15 @@ class WorkerLoop:
             self.die()
         return batch
 
-    def _receive(self, flags: int) -> int:
-        """Read into the read buffer, with the descriptors of shared memory that come
-        with the bytes.
+    def _receive(self, flags: int, buf: bytearray | memoryview) -> int:
+        """Read into ``buf``, with the descriptors of shared memory that come with the
+        bytes.
 
         Raises:
             OSError: as ``recv_into``.
             ProtocolError: descriptors were lost.
         """
-        return self._receive_into(
-            self._nonblocking or self._socket(), self._read_buf, flags, self.shared
-        )
+        return self._receive_into(self._nonblocking or self._socket(), buf, flags, self.shared)
 
     def _socket(self) -> Any:
         """The C socket type over the channel's fd (the ``socket`` package costs a worker
