@@ -113,6 +113,8 @@ TIER_OF_FILE = {
     "test_remote_security.py": "network",
     "test_remote_large_frames.py": "network",  # 64 MiB through offload serve: peak memory, MACs
     "test_remote_output.py": "network",  # real offload serve servers; their tasks print
+    "test_remote_retries.py": "network",  # retries of calls crashed on offload serve
+    "test_remote_retries.py::test_scheduler_retries_server_crashes": "unit",
     "test_ssh.py": "network",  # a real sshd on 127.0.0.1 per test
     "test_actor_ssh.py": "network",  # actors over ssh: a real sshd on 127.0.0.1 per test
     "test_channels_ssh.py": "network",  # channels over ssh: a real sshd on 127.0.0.1 per test

@@ -72,6 +72,7 @@ from offload.worker.channels import (
     entries_of,
     frames_of,
     grant_step,
+    loop_waiter,
     rebuild_end,
 )
 
@@ -809,14 +810,7 @@ class Receiver(_End, Generic[T]):
         loop = asyncio.get_running_loop()
         hub = self._hub
         while True:
-            waiter = loop.create_future()
-
-            def wake(waiter: asyncio.Future[None] = waiter) -> None:
-                try:
-                    loop.call_soon_threadsafe(_settle, waiter)
-                except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
-
+            waiter, wake = loop_waiter(loop)
             got = hub.take_or_wake(wake)
             if got is _EMPTY:
                 await waiter
@@ -824,11 +818,6 @@ class Receiver(_End, Generic[T]):
             if got is None:
                 return
             yield _decoded(got)
-
-
-def _settle(waiter: Any) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _decoded(entry: Entry) -> Any:

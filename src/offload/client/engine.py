@@ -507,6 +507,11 @@ class Engine:
 
     def on_results(self, proc: WorkerSlot, msgs: list[p.Result]) -> None:
         """Results read in one go from ``proc``: one lock round, one scheduling pass."""
+        if proc.slot in self.independent and any(outcome.is_crash(msg) for msg in msgs):
+            msgs = self._on_remote_crashes(proc, msgs)
+            if not msgs:
+                proc.flush()  # calls queued for this worker wait for no other result
+                return
         with self.lock:
             answered = [
                 msg for msg in msgs if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
@@ -560,6 +565,32 @@ class Engine:
         self._resolve(deferred)
         if self.options.memory_limit is not None:
             self.check_memory(proc)
+
+    def _on_remote_crashes(self, proc: WorkerSlot, msgs: list[p.Result]) -> list[p.Result]:
+        """The calls a worker server answered with the crash of the process that ran
+        them go to the scheduler, which sends them again per their ``retries`` (the
+        server has replaced that process) or fails them; the other results are
+        returned. A relayed call's answer is passed on as it is (it has no retries)."""
+        rest: list[p.Result] = []
+        deferred: list[Resolve] = []
+        with self.lock:
+            now = self.loop.clock()
+            for msg in msgs:
+                record = self.records.get(msg.call_id)
+                if (
+                    record is None
+                    or record.sink is not None
+                    or not outcome.is_crash(msg)
+                    or not self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
+                ):
+                    rest.append(msg)
+                    continue
+                deferred += self._apply(
+                    self.scheduler.call_crashed(proc.slot, proc.gen, msg.call_id, now, msg)
+                )
+            self._promote(proc.slot)
+        self._resolve(deferred)  # writes the calls sent again first
+        return rest
 
     def on_progress(self, msg: p.Progress) -> None:
         record = self.records.get(msg.call_id)
@@ -859,6 +890,8 @@ class Engine:
             timeout=record.timeout,
             cause=res.cause,
             other_call=outcome.describe(other) if other is not None else None,
+            attempts=record.attempts,
+            retries=record.retries,
         )
 
     def _pid_hint(self, res: Resolve) -> int | None:

@@ -214,11 +214,14 @@ def scheduler_error(
     timeout: float | None,
     cause: object,
     other_call: str | None = None,
+    attempts: int = 0,
+    retries: int = 0,
 ) -> OffloadError:
     """The error of a call the engine resolved itself (its timeout passed, it was
     killed, its worker was killed for another call, no worker could start, its worker
-    died). ``cause`` is what came with the event: an ExitInfo for a crash, the start
-    error for a start failure."""
+    died). ``cause`` is what came with the event: an ExitInfo for a crash, the
+    worker server's Result for a crash there, the start error for a start failure.
+    A crash of a call that had ``retries`` says how many ``attempts`` it made."""
     if outcome is Outcome.TIMEOUT:
         where = (
             f"it was killed on the worker server {worker}"
@@ -253,8 +256,30 @@ def scheduler_error(
             return clone_error(cause)
         return StartError(f"no worker could start to run {call}", worker=worker)
     if isinstance(cause, ExitInfo):
-        return crashed(cause, call)
+        return _after_attempts(crashed(cause, call), attempts, retries)
+    if isinstance(cause, p.Result):  # a worker server's answer: the crash there
+        error = result_error(cause, call=call, worker=worker, pid=pid)
+        if not isinstance(error, OffloadError):  # a server sends only offload's errors
+            error = RemoteError(cause.message, type_name=cause.type_name)
+        return _after_attempts(error, attempts, retries)
     raise ValueError(f"no error for outcome {outcome} with cause {cause!r}")
+
+
+def is_crash(msg: p.Result) -> bool:
+    """Whether a worker server answered a call with the crash of the process that ran
+    it (``retries`` apply), told by the error's type name alone: nothing is unpickled."""
+    return msg.status == p.FAILED and msg.type_name in _CRASH_TYPES
+
+
+_CRASH_TYPES = frozenset({WorkerCrashed.__name__, ConnectionLost.__name__})
+
+
+def _after_attempts(error: OffloadError, attempts: int, retries: int) -> OffloadError:
+    """``error`` (a call's last crash), saying that every attempt its ``retries``
+    allowed failed, so nobody wonders whether it was retried."""
+    if retries > 0 and error.args:
+        error.args = (f"{error.message}; it failed on all {attempts} attempts (retries={retries})",)
+    return error
 
 
 def result_error(msg: p.Result, *, call: str, worker: str, pid: int | None) -> BaseException:

@@ -10,7 +10,9 @@ The server runs each call in a process of its own, so one call can be killed (``
 without touching the others: remote slots are *independent* in the scheduler. A lost
 connection or a silent heartbeat fails the calls that were running there with
 :class:`~offload.ConnectionLost` (retried elsewhere when ``retries`` allows); the slot then
-reconnects with back-off, so a server that comes back is used again.
+reconnects with back-off, so a server that comes back is used again. A call whose process
+crashed on the server comes back as a Result carrying ``WorkerCrashed`` while the slot
+lives on; the engine sends it again per ``retries`` too (``Scheduler.call_crashed``).
 
 Nothing the server sends is unpickled before it has proved the token
 (:mod:`offload.protocol.auth`).

@@ -26,6 +26,12 @@ on a slot are exactly the ones running: that is when their timeout clock starts,
 those are the only calls that fail when the worker dies. The others were never started
 and go back to the front of the queue, to run on the replacement.
 
+On an *independent* slot (a worker server) one call's process can die while the slot
+lives on: the server replaces its worker and answers the call with a crash
+(:meth:`Scheduler.call_crashed`). Like a call whose slot died, it goes back to the front
+of the queue while its ``retries`` allow, and fails once it has crashed ``retries + 1``
+times; both kinds of failure count against the same ``attempts``.
+
 Every event method takes ``now`` (an injected clock reading) and returns the actions the
 driver must carry out; the scheduler never does I/O, never sleeps and never reads a clock.
 """
@@ -507,6 +513,35 @@ class Scheduler:
         old_gen = slot.gen
         actions = self._fail_slot(slot, now, cause, Outcome.CRASHED)
         return [KillWorker(slot_index, old_gen, "failed"), *actions, *self._schedule(now)]
+
+    def call_crashed(
+        self, slot_index: int, gen: int, call_id: int, now: float, cause: Any
+    ) -> list[Action]:
+        """The worker server on the independent slot ``slot``/``gen`` answered
+        ``call_id`` with a crash of the process that ran it (the server replaced that
+        process; the slot lives on). The call is sent again while its ``retries`` allow
+        (each crash, here or of a whole slot, is one attempt), else it fails: a Resolve
+        with ``Outcome.CRASHED`` and ``cause``. Nothing if the answer is not current
+        (see :meth:`expects`)."""
+        slot = self.slots[slot_index]
+        entry = self.calls.get(call_id)
+        if entry is None or entry.slot != slot_index or slot.gen != gen:
+            return []
+        try:
+            slot.outstanding.remove(call_id)
+        except ValueError:
+            pass
+        entry.attempts += 1
+        actions: list[Action] = []
+        if entry.withdrawn:  # resolved already: nothing to retry
+            del self.calls[call_id]
+        elif entry.attempts <= entry.retries:
+            self._requeue_front([call_id])
+        else:
+            del self.calls[call_id]
+            actions.append(Resolve(call_id, Outcome.CRASHED, slot_index, cause, gen))
+        self._mark_running(slot, now)
+        return actions + self._schedule(now)
 
     def recycle(self, slot_index: int, gen: int, now: float) -> list[Action]:
         """Replace the process of ``slot``/``gen`` once its calls finish (memory_limit)."""

@@ -51,6 +51,7 @@ from offload.worker.execution import _current
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import AsyncIterator, Callable, Iterator
     from typing import Any, TypeAlias
 
@@ -633,14 +634,7 @@ class Receiver:
             elif pump:
                 entry = await loop.run_in_executor(None, self._next_entry, None)
             else:
-                waiter = loop.create_future()
-
-                def wake(waiter: asyncio.Future[None] = waiter) -> None:
-                    try:
-                        loop.call_soon_threadsafe(_settle, waiter)
-                    except RuntimeError:  # that loop is closed: nobody waits any more
-                        pass
-
+                waiter, wake = loop_waiter(loop)
                 entry = self._take_or_wake(wake)
                 if entry is _EMPTY:
                     await waiter
@@ -654,6 +648,20 @@ class Receiver:
             "a channel end that a call received cannot travel further; pass the "
             "channel's end from the process that made it"
         )
+
+
+def loop_waiter(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future[None], Callable[[], None]]:
+    """A future of ``loop`` and a function that any thread may call to resolve it (on
+    the loop; once the loop is closed it does nothing: nobody waits any more)."""
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_settle, waiter)
+        except RuntimeError:  # that loop is closed
+            pass
+
+    return waiter, wake
 
 
 def _settle(waiter: Any) -> None:
