@@ -437,6 +437,21 @@ def test_a_done_future_is_an_asyncio_future_a_pending_one_is_not(pool: offload.P
     assert not asyncio.isfuture(pending)
 
 
+def test_run_until_complete_on_a_loop_that_is_not_current(pool: offload.Pool) -> None:
+    """``loop.run_until_complete(fut)`` on a loop nobody set as current: with no loop
+    running, an offload future is no loop's future, so asyncio wraps it in a task of
+    that loop rather than refusing it as "a future of another loop"; done or not."""
+    done = pool.submit(ph.square, 5)
+    done.result(WAIT)
+    assert not asyncio.isfuture(done)  # no loop runs here
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(done) == 25
+        assert loop.run_until_complete(pool.submit(ph.square, 6)) == 36
+    finally:
+        loop.close()
+
+
 def test_gather_over_many_futures_with_errors(pool: offload.Pool) -> None:
     """Done and pending futures (a flood resolves most of them before gather looks),
     values and the task's exceptions as themselves, with and without

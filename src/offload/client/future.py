@@ -29,6 +29,7 @@ from offload.client.waiting import (
     deliver_on_loop,
     from_asyncio,
     make_cancelled_error,
+    running_loop,
 )
 from offload.errors import ExecutionError
 from offload.transport.channel import in_dispatch
@@ -470,19 +471,23 @@ class Future(concurrent.futures.Future["T"]):
                 callbacks[:] = kept
         return removed
 
-    # asyncio's view of a future. A done offload future is an asyncio future
-    # (asyncio.isfuture): asyncio.gather, asyncio.wait, wrap_future and the like use it
-    # as it is, without a task or an asyncio future of their own for each. A pending one
-    # is not: asyncio wraps it in a task, whose cancellation stops the waiting at once
-    # while the call, if it runs already, goes on (asyncio assumes that a future which
-    # refuses cancel() is done; a running call refuses, and asyncio would then wait
-    # for the call to end: a timeout would not fire).
+    # asyncio's view of a future. A done offload future, looked at on a thread running
+    # an event loop, is an asyncio future of that loop (asyncio.isfuture): asyncio.gather,
+    # asyncio.wait, wrap_future and the like use it as it is, without a task or an
+    # asyncio future of their own for each. A pending one is not: asyncio wraps it in a
+    # task, whose cancellation stops the waiting at once while the call, if it runs
+    # already, goes on (asyncio assumes that a future which refuses cancel() is done; a
+    # running call refuses, and asyncio would then wait for the call to end: a timeout
+    # would not fire). Nor is one looked at with no loop running (before
+    # loop.run_until_complete(fut), say): no loop is the one it would belong to, and
+    # asyncio refuses a future of another loop than the one it was given.
     _cancel_message = None  # asyncio.gather reads it from a cancelled child
 
     @property
     def _asyncio_future_blocking(self) -> bool | None:
-        """False (an asyncio future, not waited on) once done; None before."""
-        return False if self.done() else None
+        """False (an asyncio future, not waited on) once done, on a thread running an
+        event loop; None otherwise."""
+        return False if self.done() and running_loop() is not None else None
 
     @_asyncio_future_blocking.setter
     def _asyncio_future_blocking(self, value: bool) -> None:
@@ -495,6 +500,9 @@ class Future(concurrent.futures.Future["T"]):
         Raises:
             RuntimeError: no event loop here (as ``asyncio.get_event_loop``).
         """
+        loop = running_loop()
+        if loop is not None:
+            return loop
         import asyncio
 
         return asyncio.get_event_loop()

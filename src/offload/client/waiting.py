@@ -298,7 +298,7 @@ class _Inbox:
             first = len(self._ready) == 1
         if first:
             try:
-                if _get_running_loop() is loop:  # read on the loop's thread (watch)
+                if running_loop() is loop:  # read on the loop's thread (watch)
                     loop.call_soon(self._drain)  # no wake-up needed: it runs already
                 else:
                     loop.call_soon_threadsafe(self._drain)
@@ -414,12 +414,12 @@ def batched_handover(future: Future, fn: Callable[[Any], object]) -> Callable[[A
     except (ValueError, IndexError, TypeError):  # another layout after all
         return fn
     inbox = _inbox(loop)
-    if _get_running_loop() is loop:  # loop.run_in_executor, on the loop's thread
+    if running_loop() is loop:  # loop.run_in_executor, on the loop's thread
         inbox.watch(future)
     return _Wake(inbox, waiter, future)
 
 
-def _get_running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop running on this thread, or None (asyncio's, if it is imported)."""
     asyncio = sys.modules.get("asyncio")
     return asyncio._get_running_loop() if asyncio is not None else None
@@ -486,7 +486,7 @@ def deliver_on_loop(
     ``add`` installs a done callback the ``concurrent.futures`` way. False if no loop
     runs on this thread; then nothing was done.
     """
-    loop = _get_running_loop()
+    loop = running_loop()
     if loop is None:
         return False
     if future.done():
