@@ -14,7 +14,7 @@ import os
 import pickle
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,12 @@ def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module", params=["tcp", "tls"])
-def server(request: pytest.FixtureRequest, server_dir: Path) -> Iterator[dict[str, Any]]:
-    """``offload serve`` (one worker) on 127.0.0.1, plain or TLS: connect() arguments."""
+def server(
+    request: pytest.FixtureRequest, server_dir: Path, long_lived: Callable[[int], Any]
+) -> Iterator[dict[str, Any]]:
+    """``offload serve`` (one worker) on 127.0.0.1, plain or TLS: connect() arguments.
+    Shared by the module's tests: its workers (started after it listens) are no test's
+    leak."""
     kind = request.param
     workdir = server_dir / kind
     workdir.mkdir()
@@ -136,7 +140,8 @@ def server(request: pytest.FixtureRequest, server_dir: Path) -> Iterator[dict[st
     env = h.clean_env(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), *sys.path]))
     srv = h.ServerProcess(workdir, args, env=env).start()
     try:
-        yield {"address": srv.address, "token": token.decode(), "tls": tls}
+        with long_lived(srv.pid):
+            yield {"address": srv.address, "token": token.decode(), "tls": tls}
     finally:
         srv.stop()
 

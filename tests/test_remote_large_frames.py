@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,19 +56,23 @@ def _serve(workdir: Path, token_file: Path, *extra: str, name: str) -> h.ServerP
 
 
 @pytest.fixture(scope="module")
-def plain(workdir: Path, token_file: tuple[Path, bytes]) -> Iterator[h.ServerProcess]:
+def plain(
+    workdir: Path, token_file: tuple[Path, bytes], long_lived: Callable[[int], Any]
+) -> Iterator[h.ServerProcess]:
     server = _serve(workdir, token_file[0], name="plain")
-    yield server
+    with long_lived(server.pid):  # its workers start after it listens: no test's leak
+        yield server
     assert server.stop() == 0, server.output()
 
 
 @pytest.fixture(scope="module")
 def tls_server(
-    workdir: Path, token_file: tuple[Path, bytes], pki: h.PKI
+    workdir: Path, token_file: tuple[Path, bytes], pki: h.PKI, long_lived: Callable[[int], Any]
 ) -> Iterator[h.ServerProcess]:
     tls_args = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
     server = _serve(workdir, token_file[0], *tls_args, name="tls")
-    yield server
+    with long_lived(server.pid):
+        yield server
     assert server.stop() == 0, server.output()
 
 
