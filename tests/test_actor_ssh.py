@@ -164,6 +164,27 @@ def test_killing_ssh_ends_the_actor_for_good(remote: SSH) -> None:
     assert not os.path.exists(forwarded)
 
 
+def test_an_actor_over_ssh_whose_process_dies_fires_on_failure_once(remote: SSH) -> None:
+    failures = crashes.Recorder()
+    c = t.Counter.options(where=remote, name="fragile-ssh", on_failure=failures).spawn(1)
+    try:
+        remote_pid = c.pid
+        assert remote_pid is not None
+        running = c.block()
+        assert _started(running).wait(LIMIT)
+        os.kill(remote_pid, signal.SIGKILL)  # its process: a child of our own ssh
+        with pytest.raises(offload.WorkerCrashed, match="fragile-ssh"):
+            running.result(LIMIT)
+        with pytest.raises(offload.WorkerCrashed):
+            c.add(1).result(LIMIT)  # dead for good: the same story
+        [err] = failures.wait_for(1, LIMIT)
+        assert isinstance(err, offload.WorkerCrashed), repr(err)
+    finally:
+        c.shutdown()
+    assert len(failures.errors) == 1, failures.errors
+    assert not ssh_children()
+
+
 def test_kill_ends_the_actor_over_ssh_at_once(remote: SSH) -> None:
     failures: list[BaseException] = []
     c = t.Counter.options(where=remote, on_failure=failures.append).spawn(1)

@@ -22,7 +22,7 @@ import pytest
 
 import offload
 import retry_tasks as rt
-from crashes import wait_until
+from crashes import Recorder, wait_until
 from offload.client.scheduler import Outcome, Resolve, Scheduler, SendCalls
 from remote_helpers import ServerProcess, clean_env, write_token_file
 
@@ -213,6 +213,37 @@ def test_a_channel_producer_retried_through_a_server(
         # The failed attempt's items stay in the stream; the retry's follow (docs/channels.md).
         assert list(rx) == [("first", i) for i in range(5)] + [("retry", i) for i in range(5)]
         assert fut.result(WAIT) == rt.attempts_of(attempts)[1]
+    assert server.stop() == 0
+
+
+def test_on_failure_fires_for_each_process_a_server_lost_under_a_call(
+    serve: Serve, token: tuple[Path, str], tmp_path: Path
+) -> None:
+    """SPEC section 4: ``on_failure`` fires for a worker's unexpected death, so for a
+    server's process that died under a call too (retried or not), never for a task's
+    own exception or a timeout (the server killed that process on purpose)."""
+    server = serve(workers=1)
+    attempts, release = str(tmp_path / "attempts"), tmp_path / "release"
+    failures = Recorder()
+    try:
+        with offload.connect(server.address, token=token[1], on_failure=failures) as w:
+            pid = w.submit(offload.Task(rt.crash_first, retries=1, register=False), attempts)
+            assert pid.result(WAIT) == rt.attempts_of(attempts)[1]
+            [first] = failures.wait_for(1, WAIT)
+            assert type(first) is offload.WorkerCrashed, repr(first)
+            assert first.pid == rt.attempts_of(attempts)[0] and first.signal == "SIGKILL"
+            with pytest.raises(rt.TaskError):
+                w.call(rt.raise_always, str(tmp_path / "raises"))
+            task = offload.Task(rt.hold, timeout=0.5, register=False)
+            with pytest.raises(offload.TaskTimeout):
+                w.submit(task, str(tmp_path / "holds"), str(release)).result(WAIT)
+            err = w.submit(rt.crash_first, str(tmp_path / "again")).exception(WAIT)
+            assert type(err) is offload.WorkerCrashed, repr(err)
+            second = failures.wait_for(2, WAIT)[1]
+            assert second.pid == err.pid != first.pid, (first, second)
+            assert len(failures.errors) == 2, failures.errors
+    finally:
+        release.touch()
     assert server.stop() == 0
 
 

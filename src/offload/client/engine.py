@@ -508,6 +508,7 @@ class Engine:
     def on_results(self, proc: WorkerSlot, msgs: list[p.Result]) -> None:
         """Results read in one go from ``proc``: one lock round, one scheduling pass."""
         if proc.slot in self.independent and any(outcome.is_crash(msg) for msg in msgs):
+            self._notify_remote_crashes(proc, msgs)
             msgs = self._on_remote_crashes(proc, msgs)
             if not msgs:
                 proc.flush()  # calls queued for this worker wait for no other result
@@ -565,6 +566,28 @@ class Engine:
         self._resolve(deferred)
         if self.options.memory_limit is not None:
             self.check_memory(proc)
+
+    def _notify_remote_crashes(self, proc: WorkerSlot, msgs: list[p.Result]) -> None:
+        """``on_failure`` for each of this client's calls whose process on a worker
+        server died under it (the server's answer says so), as for a local worker's
+        death; retried or not. A relayed call's crash is its own client's to report."""
+        if self.options.on_failure is None:
+            return
+        crashed = []
+        with self.lock:
+            for msg in msgs:
+                record = self.records.get(msg.call_id)
+                if (
+                    record is not None
+                    and record.sink is None
+                    and outcome.is_crash(msg)
+                    and self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
+                ):  # (not resolved already by a timeout or a kill)
+                    crashed.append((outcome.describe(record), msg))
+        for call, msg in crashed:
+            self._call_on_failure(
+                outcome.result_error(msg, call=call, worker=proc.name, pid=proc.pid)
+            )
 
     def _on_remote_crashes(self, proc: WorkerSlot, msgs: list[p.Result]) -> list[p.Result]:
         """The calls a worker server answered with the crash of the process that ran
@@ -706,10 +729,14 @@ class Engine:
             self._notify_failure(info)
 
     def _notify_failure(self, info: ExitInfo) -> None:
+        if self.options.on_failure is not None:
+            self._call_on_failure(outcome.crashed(info, "its calls"))
+
+    def _call_on_failure(self, error: BaseException) -> None:
+        """``on_failure(error)`` on a thread of its own (it may block or call back)."""
         callback = self.options.on_failure
         if callback is None:
             return
-        error = outcome.crashed(info, "its calls")
 
         def run() -> None:
             try:
