@@ -70,6 +70,39 @@ def test_a_change_of_what_it_captures_makes_a_new_pickle() -> None:
     assert function_by_value(fn) not in (first, second)
 
 
+_OFFSET = 1  # a global that a lambda below names
+
+
+def test_the_remembered_pickle_sees_every_change_of_plain_captures() -> None:
+    """A function whose captures are plain immutable data is checked by the identity of
+    what it holds (no snapshot): every change must still make a new pickle."""
+    k = 1
+    fn = lambda x=1: x + k + _OFFSET + len("")  # noqa: E731
+    pickles = [function_by_value(fn)]
+    assert function_by_value(fn) is pickles[0]  # nothing changed: the very same pickle
+    module = globals()
+    try:
+        k = True  # an equal value of another type (both plain data)
+        pickles.append(function_by_value(fn))
+        k = 2  # a rebound cell
+        pickles.append(function_by_value(fn))
+        module["_OFFSET"] = 2  # a rebound global
+        pickles.append(function_by_value(fn))
+        module["len"] = 0  # a global now shadowing a builtin it names (plain data)
+        pickles.append(function_by_value(fn))
+        fn.__defaults__ = (3,)
+        pickles.append(function_by_value(fn))
+        fn.__code__ = (lambda x=1: x * k).__code__  # the same free variables, new code
+        pickles.append(function_by_value(fn))
+        fn.note = "an attribute"  # type: ignore[attr-defined]
+        pickles.append(function_by_value(fn))
+    finally:
+        module["_OFFSET"] = 1
+        module.pop("len", None)
+    assert all(pickles) and len(set(pickles)) == len(pickles), pickles
+    assert fn() == 3 * k
+
+
 def test_functions_of_one_code_with_other_captures_get_their_own_pickles() -> None:
     one, two, also_one = _make_adder(1), _make_adder(2), _make_adder(1)
     assert function_by_value(one) != function_by_value(two)

@@ -34,6 +34,12 @@ remembered one means a fresh cloudpickle; so a closure whose captured values cha
 with the new values, and two lambdas of the same code with different captures are two
 functions.
 
+A function whose snapshot is plain data is not even snapshotted again while it holds
+the very same objects: its code, names, docstring, defaults, the contents of its
+closure cells and the values of the globals it names are compared by identity with
+those of its last pickle (immutable values that are the same objects are the same
+values), which costs a few identity checks per call (:func:`_unchanged`).
+
 What is not seen: the attributes of a class defined in ``__main__`` changed in place
 after the first call (the class is compared by identity), and state the function
 changes *in the worker* (a global it rebinds, a captured list it appends to): the
@@ -85,12 +91,17 @@ def function_by_value(fn: Any) -> bytes:
     """
     if type(fn) is not _FUNCTION:
         return b""
+    recent = _recent.get(fn)
+    if recent is not None and _unchanged(fn, recent):
+        last: bytes = recent[-1]
+        return last
     try:
         snapshot, identities = _snapshot(fn)
     except Exception:  # noqa: BLE001 - too large, or not snapshottable: by value each time
         return b""
     for known, remembered in _remembered.get(snapshot, ()):
         if len(known) == len(identities) and all(map(operator.is_, known, identities)):
+            _note_recent(fn, snapshot, remembered)
             return remembered
     import cloudpickle
 
@@ -101,7 +112,73 @@ def function_by_value(fn: Any) -> bytes:
         if len(_remembered) >= MAX_REMEMBERED:
             _remembered.clear()
         _remembered.setdefault(snapshot, []).append((identities, data))
+    _note_recent(fn, snapshot, data)
     return data
+
+
+# The last pickle of each function whose captures are plain immutable data, with those
+# very objects: while the function still holds the same objects (compared by identity,
+# which for immutable values means the same values), its pickle is the same, and the
+# snapshot need not be made again. A flood of calls of one lambda then costs a few
+# identity checks per call instead of a snapshot and a lookup.
+_recent: dict[types.FunctionType, tuple[Any, ...]] = {}
+_MISSING = ("<not a global>",)
+
+
+def _note_recent(fn: types.FunctionType, snapshot: Any, data: bytes) -> None:
+    """Remember ``fn``'s pickle by the identities of what it captures, if those are
+    plain immutable data (a snapshot of the plain kind: see :func:`_snapshot`)."""
+    if type(snapshot) is not tuple:
+        _recent.pop(fn, None)  # captures that can change in place: every call snapshots
+        return
+    closure = fn.__closure__
+    cells = tuple(_cell_contents(cell) for cell in closure) if closure else ()
+    names = _global_names.get(fn.__code__)
+    if names is None:  # forgotten meanwhile (another thread's snapshots filled the table)
+        names = _names_of(fn.__code__)
+    fn_globals = fn.__globals__
+    values = tuple([fn_globals.get(name, _MISSING) for name in names])
+    entry = (
+        fn.__code__,
+        fn.__name__,
+        fn.__qualname__,
+        fn.__doc__,
+        fn.__defaults__,
+        fn.__kwdefaults__,
+        cells,
+        names,
+        values,
+        data,
+    )
+    if len(_recent) >= MAX_REMEMBERED:
+        _recent.clear()
+    _recent[fn] = entry
+
+
+def _unchanged(fn: types.FunctionType, entry: tuple[Any, ...]) -> bool:
+    """Whether ``fn`` still holds the very objects ``entry`` noted (see _note_recent)."""
+    code, name, qualname, doc, defaults, kwdefaults, cells, names, values, _ = entry
+    if (
+        fn.__code__ is not code
+        or fn.__name__ is not name
+        or fn.__qualname__ is not qualname
+        or fn.__doc__ is not doc
+        or fn.__defaults__ is not defaults
+        or fn.__kwdefaults__ is not kwdefaults
+        or fn.__dict__
+    ):
+        return False
+    closure = fn.__closure__
+    if closure:
+        for cell, value in zip(closure, cells, strict=True):
+            if _cell_contents(cell) is not value:
+                return False
+    if names:
+        get = fn.__globals__.get
+        for global_name, value in zip(names, values, strict=True):
+            if get(global_name, _MISSING) is not value:
+                return False
+    return True
 
 
 def _snapshot(fn: types.FunctionType) -> tuple[Any, tuple[Any, ...]]:
