@@ -103,6 +103,53 @@ def test_the_remembered_pickle_sees_every_change_of_plain_captures() -> None:
     assert fn() == 3 * k
 
 
+def test_captures_changed_by_another_thread_while_pickling_are_never_remembered_wrong() -> None:
+    """Threads pickle one closure while another rebinds what it captures: whatever
+    interleaving, once the captures stop changing, the pickle is of their last values
+    (a pickle remembered under values it was not made from would run stale ones when
+    those values come back)."""
+    import threading
+
+    import cloudpickle
+
+    get, set_k = _captured_pair()
+    start = threading.Barrier(4)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns within the pickling, not only between
+
+    def pickle_often() -> None:
+        start.wait()
+        for _ in range(3000):
+            function_by_value(get)
+
+    threads = [threading.Thread(target=pickle_often) for _ in range(3)]
+    for t in threads:
+        t.start()
+    start.wait()
+    for i in range(3000):
+        set_k(i % 7)
+    for t in threads:
+        t.join()
+    sys.setswitchinterval(interval)
+    for final in [*range(7), *range(7)]:  # the values of the storm, each object again
+        set_k(final)
+        assert cloudpickle.loads(function_by_value(get))() == final
+
+
+def _captured_pair() -> tuple[Callable[[], int], Callable[[int], None]]:
+    """A closure over ``k``, and a function that rebinds ``k``."""
+    k = 0
+
+    def get() -> int:
+        return k
+
+    def set_k(value: int) -> None:
+        nonlocal k
+        k = value
+
+    return get, set_k
+
+
 def test_functions_of_one_code_with_other_captures_get_their_own_pickles() -> None:
     one, two, also_one = _make_adder(1), _make_adder(2), _make_adder(1)
     assert function_by_value(one) != function_by_value(two)

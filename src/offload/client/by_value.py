@@ -95,24 +95,27 @@ def function_by_value(fn: Any) -> bytes:
     if recent is not None and _unchanged(fn, recent):
         last: bytes = recent[-1]
         return last
+    held = _held(fn)  # before the snapshot: see _note_recent
     try:
         snapshot, identities = _snapshot(fn)
     except Exception:  # noqa: BLE001 - too large, or not snapshottable: by value each time
         return b""
     for known, remembered in _remembered.get(snapshot, ()):
         if len(known) == len(identities) and all(map(operator.is_, known, identities)):
-            _note_recent(fn, snapshot, remembered)
+            _note_recent(fn, snapshot, held, remembered)
             return remembered
     import cloudpickle
 
     data: bytes = cloudpickle.dumps(fn, PROTOCOL)
     if len(data) > MAX_PICKLE:
         data = b""  # remembered too: it travels with its arguments, unpickled once
+    if type(snapshot) is tuple and not _unchanged(fn, (*held, data)):
+        return data  # another thread changed a capture meanwhile: which one is this?
     with _lock:
         if len(_remembered) >= MAX_REMEMBERED:
             _remembered.clear()
         _remembered.setdefault(snapshot, []).append((identities, data))
-    _note_recent(fn, snapshot, data)
+    _note_recent(fn, snapshot, held, data)
     return data
 
 
@@ -125,20 +128,16 @@ _recent: dict[types.FunctionType, tuple[Any, ...]] = {}
 _MISSING = ("<not a global>",)
 
 
-def _note_recent(fn: types.FunctionType, snapshot: Any, data: bytes) -> None:
-    """Remember ``fn``'s pickle by the identities of what it captures, if those are
-    plain immutable data (a snapshot of the plain kind: see :func:`_snapshot`)."""
-    if type(snapshot) is not tuple:
-        _recent.pop(fn, None)  # captures that can change in place: every call snapshots
-        return
+def _held(fn: types.FunctionType) -> tuple[Any, ...]:
+    """The objects ``fn`` holds now, as :func:`_unchanged` compares them."""
     closure = fn.__closure__
     cells = tuple(_cell_contents(cell) for cell in closure) if closure else ()
     names = _global_names.get(fn.__code__)
-    if names is None:  # forgotten meanwhile (another thread's snapshots filled the table)
+    if names is None:
         names = _names_of(fn.__code__)
     fn_globals = fn.__globals__
     values = tuple([fn_globals.get(name, _MISSING) for name in names])
-    entry = (
+    return (
         fn.__code__,
         fn.__name__,
         fn.__qualname__,
@@ -148,8 +147,21 @@ def _note_recent(fn: types.FunctionType, snapshot: Any, data: bytes) -> None:
         cells,
         names,
         values,
-        data,
     )
+
+
+def _note_recent(fn: types.FunctionType, snapshot: Any, held: tuple[Any, ...], data: bytes) -> None:
+    """Remember ``fn``'s pickle with the objects it ``held`` before its snapshot was
+    made, if its captures are plain immutable data (a snapshot of the plain kind: see
+    :func:`_snapshot`) and it still holds those very objects now (then nothing changed
+    while the snapshot and the pickle were made, and ``data`` is the pickle of them).
+    Not seen: another thread rebinding a capture and restoring the very same object
+    within those microseconds (a closure changed while it is being submitted elsewhere
+    has no single right pickle anyway)."""
+    entry = (*held, data)
+    if type(snapshot) is not tuple or not _unchanged(fn, entry):
+        _recent.pop(fn, None)  # captures that can change in place: every call snapshots
+        return
     if len(_recent) >= MAX_REMEMBERED:
         _recent.clear()
     _recent[fn] = entry
