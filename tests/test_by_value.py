@@ -21,6 +21,7 @@ import pytest
 
 import offload
 from crashes import wait_until
+from offload.client import by_value
 from offload.client.by_value import function_by_value
 from remote_helpers import ServerProcess, write_token_file
 
@@ -56,6 +57,13 @@ def test_an_unchanged_function_is_pickled_once() -> None:
     first = function_by_value(fn)
     assert first
     assert function_by_value(fn) is first  # the same pickle, not a new one
+    # Plain captures: later calls compare what it holds, without a snapshot.
+    for plain in (fn, _make_adder(3), _constant(("a", b"b", None, True))):
+        function_by_value(plain)
+        assert plain in by_value._recent, plain
+    over_a_list = _constant([1])
+    assert function_by_value(over_a_list)
+    assert over_a_list not in by_value._recent  # a list can change in place
 
 
 def test_a_change_of_what_it_captures_makes_a_new_pickle() -> None:
@@ -104,10 +112,10 @@ def test_the_remembered_pickle_sees_every_change_of_plain_captures() -> None:
 
 
 def test_captures_changed_by_another_thread_while_pickling_are_never_remembered_wrong() -> None:
-    """Threads pickle one closure while another rebinds what it captures: whatever
-    interleaving, once the captures stop changing, the pickle is of their last values
-    (a pickle remembered under values it was not made from would run stale ones when
-    those values come back)."""
+    """Threads pickle one closure while another rebinds what it captures (small ints:
+    the same objects come back): whatever the interleaving, once the captures stop
+    changing, the pickle is of their last values (a pickle remembered under values it
+    was not made from would run stale ones when those values come back)."""
     import threading
 
     import cloudpickle

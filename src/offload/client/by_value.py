@@ -38,7 +38,10 @@ A function whose snapshot is plain data is not even snapshotted again while it h
 the very same objects: its code, names, docstring, defaults, the contents of its
 closure cells and the values of the globals it names are compared by identity with
 those of its last pickle (immutable values that are the same objects are the same
-values), which costs a few identity checks per call (:func:`_unchanged`).
+values), which costs a few identity checks per call (:func:`_unchanged`). Such a pickle
+is remembered only once it is known to hold what the snapshot says: unpickled in the
+parent and snapshotted again (:func:`_made_of`), since another thread may rebind a
+capture between the snapshot and the pickle, and even put the same object back.
 
 What is not seen: the attributes of a class defined in ``__main__`` changed in place
 after the first call (the class is compared by identity), and state the function
@@ -95,28 +98,41 @@ def function_by_value(fn: Any) -> bytes:
     if recent is not None and _unchanged(fn, recent):
         last: bytes = recent[-1]
         return last
-    held = _held(fn)  # before the snapshot: see _note_recent
     try:
         snapshot, identities = _snapshot(fn)
     except Exception:  # noqa: BLE001 - too large, or not snapshottable: by value each time
         return b""
     for known, remembered in _remembered.get(snapshot, ()):
         if len(known) == len(identities) and all(map(operator.is_, known, identities)):
-            _note_recent(fn, snapshot, held, remembered)
+            _note_recent(fn, snapshot, identities, remembered)
             return remembered
     import cloudpickle
 
     data: bytes = cloudpickle.dumps(fn, PROTOCOL)
     if len(data) > MAX_PICKLE:
         data = b""  # remembered too: it travels with its arguments, unpickled once
-    if type(snapshot) is tuple and not _unchanged(fn, (*held, data)):
-        return data  # another thread changed a capture meanwhile: which one is this?
+    elif type(snapshot) is tuple and not _made_of(data, snapshot):
+        return data  # another thread changed a capture meanwhile: remember nothing
     with _lock:
         if len(_remembered) >= MAX_REMEMBERED:
             _remembered.clear()
         _remembered.setdefault(snapshot, []).append((identities, data))
-    _note_recent(fn, snapshot, held, data)
+    _note_recent(fn, snapshot, identities, data)
     return data
+
+
+def _made_of(data: bytes, snapshot: Any) -> bool:
+    """Whether ``data``, a function's fresh pickle, holds what its plain ``snapshot``
+    says (read before the pickle was made): not so if another thread rebound a capture
+    in between, even to put the same object back. Unpickled here to tell: plain
+    captures run no code of the program's to unpickle."""
+    import cloudpickle
+
+    try:
+        copy = cloudpickle.loads(data)
+        return type(copy) is _FUNCTION and _snapshot(copy)[0] == snapshot
+    except Exception:  # noqa: BLE001 - anything odd: not remembered, pickled again
+        return False
 
 
 # The last pickle of each function whose captures are plain immutable data, with those
@@ -128,40 +144,24 @@ _recent: dict[types.FunctionType, tuple[Any, ...]] = {}
 _MISSING = ("<not a global>",)
 
 
-def _held(fn: types.FunctionType) -> tuple[Any, ...]:
-    """The objects ``fn`` holds now, as :func:`_unchanged` compares them."""
-    closure = fn.__closure__
-    cells = tuple(_cell_contents(cell) for cell in closure) if closure else ()
-    names = _global_names.get(fn.__code__)
-    if names is None:
-        names = _names_of(fn.__code__)
-    fn_globals = fn.__globals__
-    values = tuple([fn_globals.get(name, _MISSING) for name in names])
-    return (
-        fn.__code__,
-        fn.__name__,
-        fn.__qualname__,
-        fn.__doc__,
-        fn.__defaults__,
-        fn.__kwdefaults__,
-        cells,
-        names,
-        values,
-    )
-
-
-def _note_recent(fn: types.FunctionType, snapshot: Any, held: tuple[Any, ...], data: bytes) -> None:
-    """Remember ``fn``'s pickle with the objects it ``held`` before its snapshot was
-    made, if its captures are plain immutable data (a snapshot of the plain kind: see
-    :func:`_snapshot`) and it still holds those very objects now (then nothing changed
-    while the snapshot and the pickle were made, and ``data`` is the pickle of them).
-    Not seen: another thread rebinding a capture and restoring the very same object
-    within those microseconds (a closure changed while it is being submitted elsewhere
-    has no single right pickle anyway)."""
-    entry = (*held, data)
-    if type(snapshot) is not tuple or not _unchanged(fn, entry):
+def _note_recent(
+    fn: types.FunctionType, snapshot: Any, identities: tuple[Any, ...], data: bytes
+) -> None:
+    """Remember ``data`` as ``fn``'s pickle while it holds the objects of ``snapshot``,
+    if that is a snapshot of the plain kind (see :func:`_snapshot`); ``data`` is the
+    pickle of exactly those (checked by :func:`_made_of`, or remembered for an equal
+    snapshot)."""
+    if type(snapshot) is not tuple:
         _recent.pop(fn, None)  # captures that can change in place: every call snapshots
         return
+    (name, qualname, doc, defaults, kwdefaults, _, cells, used), _kinds = snapshot
+    code = identities[0]
+    names = _global_names.get(code)
+    if names is None:  # forgotten meanwhile (another thread's snapshots filled the table)
+        names = _names_of(code)
+    present = dict(used)
+    values = tuple([present.get(global_name, _MISSING) for global_name in names])
+    entry = (code, name, qualname, doc, defaults, kwdefaults, cells, names, values, data)
     if len(_recent) >= MAX_REMEMBERED:
         _recent.clear()
     _recent[fn] = entry
