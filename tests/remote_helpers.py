@@ -597,10 +597,14 @@ class RecordingProxy(OneShotListener):
                 client, _ = self.listener.accept()
             finally:
                 self.listener.close()
-            with client, socket.create_connection((HOST, self.upstream_port), 5) as upstream:
-                self._pump(client, upstream)
+            self._forward(client)
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             self.error = exc
+
+    def _forward(self, client: socket.socket) -> None:
+        """Relay ``client`` to the upstream server until either side closes."""
+        with client, socket.create_connection((HOST, self.upstream_port), 5) as upstream:
+            self._pump(client, upstream)
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         client.setblocking(False)
@@ -627,6 +631,40 @@ class RecordingProxy(OneShotListener):
                 other.settimeout(5)
                 other.sendall(data)
                 other.setblocking(False)
+
+
+class SheddingProxy(RecordingProxy):
+    """Closes the first ``shed`` connections at once, unread, as a server shedding
+    silent connections under a flood does; then forwards the next one to
+    ``127.0.0.1:upstream_port`` (unless ``forward`` is false: then it is done)."""
+
+    thread_name = "shedding-proxy"
+
+    def __init__(
+        self, upstream_port: int, shed: int, *, forward: bool = True, limit: float = 20.0
+    ) -> None:
+        self.shed = shed
+        self.forward = forward
+        self.accepted = 0
+        super().__init__(upstream_port, limit=limit)
+        self.listener.listen(8)
+
+    def _run(self) -> None:
+        try:
+            try:
+                while True:
+                    client, _ = self.listener.accept()
+                    self.accepted += 1
+                    if self.accepted > self.shed:
+                        break
+                    client.close()
+                    if self.accepted == self.shed and not self.forward:
+                        return
+            finally:
+                self.listener.close()
+            self._forward(client)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self.error = exc
 
 
 # --------------------------------------------------------------------------- #

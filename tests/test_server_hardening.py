@@ -329,6 +329,29 @@ def test_idle_connection_flood_a_good_client_is_served(
     assert now.fds <= base.fds and now.threads <= base.threads, (now, base)
 
 
+def test_a_client_shed_before_the_handshake_tries_again(
+    tmp_path: Path, servers: list[h.ServerProcess]
+) -> None:
+    """Under a flood the server closes silent connections, and a good client whose hello
+    was not read yet can be one of them (seen in CI): it connects again, a few times."""
+    token_path, token = h.write_token_file(tmp_path)
+    proc = start(servers, tmp_path, base_args(token_path))
+    with h.SheddingProxy(proc.port, shed=3) as proxy:
+        pid, _ = call_pid(proxy.address, token)
+    assert proxy.error is None, proxy.error
+    assert proxy.accepted == 4  # three closed unread, the fourth served
+    assert psutil.Process(pid).ppid() == proc.pid  # the server's worker ran it
+
+
+def test_a_client_shed_every_time_gives_up_saying_how_often_it_tried() -> None:
+    with (
+        h.SheddingProxy(0, shed=6, forward=False) as proxy,
+        pytest.raises(offload.AuthenticationError, match=r"handshake.*\(6 attempts\)"),
+    ):
+        offload.connect(proxy.address, token=b"t" * 32, start_timeout=20)
+    assert proxy.accepted == 6
+
+
 # --------------------------------------------------------------------------- #
 # 9. Tokens
 # --------------------------------------------------------------------------- #

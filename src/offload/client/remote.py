@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,12 @@ from offload.tokens import resolve_token
 from offload.transport.channel import Channel
 from offload.transport.loop import Timer
 from offload.transport.net import TLS, Address, client_handshake, connect, parse_address
+
+# A server sheds connections that stay silent under a flood (offload.server.gate): a
+# connection it closed before its challenge is tried again, this many times in all,
+# pausing this long (doubling) in between, within start_timeout.
+_SHED_ATTEMPTS = 6
+_SHED_PAUSE = 0.01
 
 if TYPE_CHECKING:
     import socket
@@ -137,26 +144,46 @@ class RemoteSlot(ChannelSlot):
 
     def _connect(self) -> None:
         target = self.target
-        timeout = self.host.options.start_timeout
-        try:
-            sock = connect(target.address, timeout)
-        except OSError as exc:
-            self._start_failed(
-                NoWorkerAvailable(f"cannot reach the worker server {target.address}: {exc}")
-            )
-            return
-        try:
-            sock, sealer, leftover = authenticate(target, sock, timeout)
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            sock.close()
-            self._start_failed(AuthenticationError(f"TLS with {target.address} failed: {exc}"))
-            return
-        except (OffloadError, OSError) as exc:  # refusals included (NoWorkerAvailable)
-            sock.close()
-            if not isinstance(exc, OffloadError):
-                exc = AuthenticationError(f"the handshake with {target.address} failed: {exc}")
-            self._start_failed(exc)
-            return
+        deadline = time.monotonic() + self.host.options.start_timeout
+        pause = _SHED_PAUSE
+        for attempt in range(1, _SHED_ATTEMPTS + 1):
+            timeout = max(0.001, deadline - time.monotonic())
+            try:
+                sock = connect(target.address, timeout)
+            except OSError as exc:
+                self._start_failed(
+                    NoWorkerAvailable(f"cannot reach the worker server {target.address}: {exc}")
+                )
+                return
+            try:
+                sock, sealer, leftover = authenticate(target, sock, timeout)
+                break
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                sock.close()
+                error: OffloadError = AuthenticationError(
+                    f"TLS with {target.address} failed: {exc}"
+                )
+            except OffloadError as exc:  # refusals included (NoWorkerAvailable)
+                sock.close()
+                error = exc
+            except OSError as exc:
+                sock.close()
+                error = AuthenticationError(f"the handshake with {target.address} failed: {exc}")
+            # A server under a flood of idle connections sheds the silent ones: a client
+            # whose hello was not read yet can be among them. Try again, a few times.
+            shed = getattr(error, "shed", False)
+            if (
+                not shed
+                or attempt == _SHED_ATTEMPTS
+                or self.expected_exit
+                or time.monotonic() + pause >= deadline
+            ):
+                if shed and attempt > 1:
+                    error.args = (f"{error.message} ({attempt} attempts)",)
+                self._start_failed(error)
+                return
+            time.sleep(pause)
+            pause *= 2
         sock.settimeout(None)
         conn = p.Connection(
             "client",

@@ -264,7 +264,8 @@ class ClientHandshake(_Handshake):
             )
         return AuthenticationError(
             f"{self.peer} closed the connection before the token handshake (it may have "
-            "too many connections still in their handshake, or it is not an offload server)"
+            "too many connections still in their handshake, or it is not an offload server)",
+            shed=True,  # a server sheds silent connections under a flood: worth a retry
         )
 
     def _refused(self, frame: bytes) -> OffloadError | None:

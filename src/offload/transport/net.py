@@ -268,7 +268,12 @@ def client_handshake(
     try:
         leftover = _exchange(sock, handshake, time.monotonic() + timeout)
     except (OSError, ssl.SSLError) as exc:
-        raise AuthenticationError(f"{peer} closed or broke the handshake: {exc}") from exc
+        # Reset before the server said anything: it closed the connection with our hello
+        # unread, as a server shedding silent connections under a flood does.
+        shed = isinstance(exc, ConnectionResetError | BrokenPipeError) and not handshake.progress
+        raise AuthenticationError(
+            f"{peer} closed or broke the handshake: {exc}", **({"shed": True} if shed else {})
+        ) from exc
     send_key, receive_key = handshake.session_keys()
     return (Sealer(send_key, receive_key) if sealed else None), leftover
 
