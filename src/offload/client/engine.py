@@ -508,7 +508,6 @@ class Engine:
     def on_results(self, proc: WorkerSlot, msgs: list[p.Result]) -> None:
         """Results read in one go from ``proc``: one lock round, one scheduling pass."""
         if proc.slot in self.independent and any(outcome.is_crash(msg) for msg in msgs):
-            self._notify_remote_crashes(proc, msgs)
             msgs = self._on_remote_crashes(proc, msgs)
             if not msgs:
                 proc.flush()  # calls queued for this worker wait for no other result
@@ -567,35 +566,16 @@ class Engine:
         if self.options.memory_limit is not None:
             self.check_memory(proc)
 
-    def _notify_remote_crashes(self, proc: WorkerSlot, msgs: list[p.Result]) -> None:
-        """``on_failure`` for each of this client's calls whose process on a worker
-        server died under it (the server's answer says so), as for a local worker's
-        death; retried or not. A relayed call's crash is its own client's to report."""
-        if self.options.on_failure is None:
-            return
-        crashed = []
-        with self.lock:
-            for msg in msgs:
-                record = self.records.get(msg.call_id)
-                if (
-                    record is not None
-                    and record.sink is None
-                    and outcome.is_crash(msg)
-                    and self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
-                ):  # (not resolved already by a timeout or a kill)
-                    crashed.append((outcome.describe(record), msg))
-        for call, msg in crashed:
-            self._call_on_failure(
-                outcome.result_error(msg, call=call, worker=proc.name, pid=proc.pid)
-            )
-
     def _on_remote_crashes(self, proc: WorkerSlot, msgs: list[p.Result]) -> list[p.Result]:
         """The calls a worker server answered with the crash of the process that ran
         them go to the scheduler, which sends them again per their ``retries`` (the
-        server has replaced that process) or fails them; the other results are
-        returned. A relayed call's answer is passed on as it is (it has no retries)."""
+        server has replaced that process) or fails them, and ``on_failure`` fires for
+        each, as for a local worker's death; the other results are returned. A relayed
+        call's answer is passed on as it is (it has no retries; its own client reports
+        it)."""
         rest: list[p.Result] = []
         deferred: list[Resolve] = []
+        crashed: list[tuple[str, p.Result]] = []  # for on_failure
         with self.lock:
             now = self.loop.clock()
             for msg in msgs:
@@ -608,10 +588,16 @@ class Engine:
                 ):
                     rest.append(msg)
                     continue
+                if self.options.on_failure is not None:
+                    crashed.append((outcome.describe(record), msg))
                 deferred += self._apply(
                     self.scheduler.call_crashed(proc.slot, proc.gen, msg.call_id, now, msg)
                 )
             self._promote(proc.slot)
+        for call, msg in crashed:
+            self._call_on_failure(
+                outcome.result_error(msg, call=call, worker=proc.name, pid=proc.pid)
+            )
         self._resolve(deferred)  # writes the calls sent again first
         return rest
 
