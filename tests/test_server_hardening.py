@@ -19,6 +19,7 @@ Every server is a real ``offload serve`` on 127.0.0.1; every wait is bounded. De
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import resource
 import select
@@ -350,6 +351,21 @@ def test_a_client_shed_every_time_gives_up_saying_how_often_it_tried() -> None:
     ):
         offload.connect(proxy.address, token=b"t" * 32, start_timeout=20)
     assert proxy.accepted == 6
+
+
+def test_a_shed_connection_says_so_and_a_refusal_does_not() -> None:
+    """``AuthenticationError.shed`` (documented): True when the server closed the
+    connection before its challenge, False (the class default) for a refusal; it
+    survives pickling, as every offload error's fields do."""
+    with (
+        h.SheddingProxy(0, shed=6, forward=False) as proxy,
+        pytest.raises(offload.AuthenticationError) as shed,
+    ):
+        offload.connect(proxy.address, token=b"t" * 32, start_timeout=20)
+    assert proxy.accepted == 6
+    assert shed.value.shed is True
+    assert pickle.loads(pickle.dumps(shed.value)).shed is True
+    assert offload.AuthenticationError("wrong token").shed is False
 
 
 # --------------------------------------------------------------------------- #

@@ -300,7 +300,16 @@ class VersionMismatch(ProtocolError):
 
 
 class AuthenticationError(OffloadError):
-    """The peer did not prove the shared token, or TLS failed."""
+    """The peer did not prove the shared token, or TLS failed.
+
+    Attributes:
+        shed: True when the server closed or reset the connection before it sent its
+            challenge: what a server does to silent connections when a flood of them
+            fills it up, so worth another try (``offload.connect`` tries again itself,
+            within ``start_timeout``). False for a refusal: a wrong token, TLS.
+    """
+
+    shed: bool = False  # a keyword field when set (see OffloadError)
 
 
 class ChannelClosed(OffloadError):
