@@ -142,16 +142,27 @@ def server_token(address: ListenAddress, token_file: str | None) -> bytes:
     if not _generated_token_dirs:
         atexit.register(remove_generated_tokens)
     _generated_token_dirs.append(directory)
-    path = os.path.join(directory, "token")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(token + b"\n")
+    path = write_new_private_file(os.path.join(directory, "token"), token + b"\n")
     print(
         f"offload: no token given; wrote a new one to {path} (removed when this server exits)",
         file=sys.stderr,
         flush=True,
     )
     return token
+
+
+def write_new_private_file(path: str, data: bytes) -> str:
+    """Create ``path``, which must not exist yet, with mode 0600 (only its owner may
+    read it) and write ``data`` to it; return ``path``. For files in a directory of
+    our own making (``tempfile.mkdtemp``): nobody else can have put one there.
+
+    Raises:
+        OSError: the file exists already, or cannot be written.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
 
 
 def write_private_file(path: str, chunks: Iterable[bytes]) -> None:

@@ -46,6 +46,7 @@ from offload.client.local import LocalSlot
 from offload.client.options import settings_for_worker
 from offload.client.slot import ExitInfo, SlotHost
 from offload.errors import AuthenticationError, OffloadError, ProtocolError, StartError
+from offload.tokens import write_new_private_file
 from offload.transport.channel import Channel
 from offload.transport.net import server_handshake
 from offload.worker.settings import encode_settings
@@ -116,11 +117,11 @@ class AttachSlot(LocalSlot):
             listener.listen(4)
             self._listener = listener
             directory = self._directory = tempfile.mkdtemp(prefix="offload-attach-")  # 0700
-            token_path = _write_private(os.path.join(directory, "token"), token + b"\n")
+            token_path = write_new_private_file(os.path.join(directory, "token"), token + b"\n")
             settings = settings_for_worker(opts).replace(
                 name=self.name, sys_path=tuple(entry for entry in sys.path if entry)
             )
-            _write_private(
+            write_new_private_file(
                 os.path.join(directory, "settings"), encode_settings(settings).encode() + b"\n"
             )
         except OSError as exc:
@@ -300,11 +301,3 @@ class AttachSlot(LocalSlot):
                 stderr_seen=False,
             ),
         )
-
-
-def _write_private(path: str, data: bytes) -> str:
-    """Write a new file only its owner may read (0600); return its path."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
