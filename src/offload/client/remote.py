@@ -171,7 +171,7 @@ class RemoteSlot(ChannelSlot):
                 error = AuthenticationError(f"the handshake with {target.address} failed: {exc}")
             # A server under a flood of idle connections sheds the silent ones: a client
             # whose hello was not read yet can be among them. Try again, a few times.
-            shed = getattr(error, "shed", False)
+            shed = isinstance(error, AuthenticationError) and error.shed
             if (
                 not shed
                 or attempt == _SHED_ATTEMPTS

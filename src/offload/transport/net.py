@@ -272,7 +272,7 @@ def client_handshake(
         # unread, as a server shedding silent connections under a flood does.
         shed = isinstance(exc, ConnectionResetError | BrokenPipeError) and not handshake.progress
         raise AuthenticationError(
-            f"{peer} closed or broke the handshake: {exc}", **({"shed": True} if shed else {})
+            f"{peer} closed or broke the handshake: {exc}", shed=shed
         ) from exc
     send_key, receive_key = handshake.session_keys()
     return (Sealer(send_key, receive_key) if sealed else None), leftover
