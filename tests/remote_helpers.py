@@ -168,7 +168,10 @@ class ServerProcess:
             ) from None
 
     def kill(self) -> None:
-        """SIGKILL the server and every process it started; reap it."""
+        """SIGKILL the server and every process it started; reap it.
+
+        The server goes first, as when its machine is lost: killed after its workers,
+        it could still see one die and answer a call with that worker's crash."""
         proc = self.proc
         if proc is None:
             return
@@ -176,11 +179,11 @@ class ServerProcess:
             kids = psutil.Process(proc.pid).children(recursive=True)
         except psutil.Error:
             kids = []
+        if proc.poll() is None:
+            proc.kill()
         for kid in kids:
             with contextlib.suppress(psutil.Error):
                 kid.kill()
-        if proc.poll() is None:
-            proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
 
