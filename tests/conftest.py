@@ -79,6 +79,10 @@ TIER_OF_FILE = {
     "test_tokens.py": "unit",
     "test_thread_output.py": "unit",  # the streams of thread_output, no process
     "test_worker_units.py": "unit",
+    # A worker loop on a socket pair, the test its client.
+    "test_worker_units.py::test_a_call_waiting_behind_a_running_one_is_given_back_at_once": (
+        "network"
+    ),
     "test_cancel_and_options.py": "process",
     "test_conftest_self.py": "process",  # inner pytest runs whose tests start processes
     "test_contract.py": "process",  # its remote worker kind is marked network

@@ -70,6 +70,15 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+def run_once(directory: str, i: int, hold: str = "") -> int:
+    """Create ``directory/i`` (it must not exist: a call that ran twice fails here),
+    wait for ``hold`` if given (a long call), and return ``i``."""
+    os.close(os.open(os.path.join(directory, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    if hold:
+        wait_for(hold)
+    return i
+
+
 def getpid(_: Any = None) -> int:
     return os.getpid()
 

@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 import pytest
 
+import channel_tasks as ct
 import offload
 import pool_helpers as ph
 from offload.client.scheduler import STALL_SECONDS
@@ -485,19 +486,24 @@ def test_imap_unordered(pools: Callable[..., offload.Pool], tmp_path: Path) -> N
     assert sorted(early + rest) == [i * i for i in range(10)]
 
 
-def _quick_calls_around_a_long_one(
-    pool: offload.Pool, tmp_path: Path, long_for: float
-) -> tuple[list[offload.Future[Any]], offload.Future[Any], Path]:
-    """After many tiny calls (the pool then sends calls ahead), a long call, and
-    ``long_for`` seconds after it was submitted six short ones, all submitted before any
-    of them finishes (they wait for one gate, opened here). Returns the short calls, the
-    long one and its gate (closed)."""
+def _quick_calls_around(
+    pool: offload.Pool,
+    tmp_path: Path,
+    start_long: Callable[[], offload.Future[Any]],
+    long_for: float = 0.0,
+    marker: Path | None = None,
+) -> tuple[list[offload.Future[Any]], offload.Future[Any]]:
+    """After many tiny calls (the pool then sends calls ahead), a long call (submitted
+    by ``start_long``), and ``long_for`` seconds after it was submitted (it has written
+    its pid to ``marker`` then) six short ones, all submitted before any of them
+    finishes (they wait for one gate, opened here). Returns the short calls and the
+    long one."""
     assert list(pool.map(ph.square, range(500))) == [i * i for i in range(500)]
-    marker, gate = tmp_path / "long.pid", tmp_path / "long.gate"
-    long_call = pool.submit(ph.mark_wait_then, str(marker), str(gate), "return", None)
+    long_call = start_long()
     submitted = time.monotonic()
     quick_gate = tmp_path / "quick.gate"
     if long_for:
+        assert marker is not None
         read_pid(marker)
         # The property under test is about a call that has run this long: let it.
         time.sleep(max(0.0, submitted + long_for - time.monotonic()))
@@ -506,6 +512,22 @@ def _quick_calls_around_a_long_one(
         for i in range(6)
     ]
     quick_gate.touch()
+    return quick, long_call
+
+
+def _quick_calls_around_a_long_one(
+    pool: offload.Pool, tmp_path: Path, long_for: float
+) -> tuple[list[offload.Future[Any]], offload.Future[Any], Path]:
+    """:func:`_quick_calls_around` a call that writes its pid to ``long.pid`` and waits
+    for a gate; returns the short calls, the long one and its gate (closed)."""
+    marker, gate = tmp_path / "long.pid", tmp_path / "long.gate"
+    quick, long_call = _quick_calls_around(
+        pool,
+        tmp_path,
+        lambda: pool.submit(ph.mark_wait_then, str(marker), str(gate), "return", None),
+        long_for,
+        marker,
+    )
     return quick, long_call, gate
 
 
@@ -526,28 +548,78 @@ def test_no_call_is_sent_behind_a_call_that_has_run_long(
     assert long_call.result(RESOLVE) is None
 
 
-@pytest.mark.xfail(
-    # Strict: it failed all 35 runs (10 of them beside two CPU hogs), always with two
-    # calls stuck, so a pass means the limitation is gone: drop the mark then.
-    strict=True,
-    reason="LIMITATION: calls sent ahead to a worker wait for its running call; those "
-    "submitted within STALL_SECONDS of a long call's start may be sent behind it while "
-    "another worker is idle",
+@pytest.mark.parametrize(
+    ("options", "waits_on"),
+    [
+        ({}, "gate"),  # inline: another thread of the worker reads while the call runs
+        ({}, "channel"),  # inline, the call reading its channel: it gives the calls back
+        ({"heartbeat": (1.0, 60.0)}, "gate"),  # threaded: the reader thread answers
+    ],
+    ids=["inline", "inline-channel", "threaded"],
 )
 def test_no_call_waits_behind_a_long_one_while_a_worker_is_idle(
-    pools: Callable[..., offload.Pool], tmp_path: Path
+    pools: Callable[..., offload.Pool], tmp_path: Path, options: dict[str, Any], waits_on: str
 ) -> None:
-    pool = pools(2)
+    """Calls sent ahead to a worker just before its call turned out long are taken back
+    (it answers SKIPPED: they never ran there) and run on the idle worker."""
+    pool = pools(2, **options)
     wait_ready(pool, 2)
-    quick, long_call, gate = _quick_calls_around_a_long_one(pool, tmp_path, 0.0)
+    if waits_on == "gate":
+        quick, long_call, gate = _quick_calls_around_a_long_one(pool, tmp_path, 0.0)
+        release = gate.touch
+    else:
+        go_tx, go = offload.channel()
+        tx, rx = offload.channel()
+        quick, long_call = _quick_calls_around(
+            pool, tmp_path, lambda: pool.submit(ct.consume_after, go, rx)
+        )
+
+        def release() -> None:
+            go_tx.send("go")
+            tx.send(1)
+            tx.close()
+
     try:
         # One worker is free: every short call can run there, one after the other.
-        _, not_done = cf.wait(quick, timeout=3)
+        _, not_done = cf.wait(quick, timeout=RESOLVE)
         assert not not_done, f"{len(not_done)} of 6 short calls stuck behind the long one"
+        assert not long_call.done()
     finally:
-        gate.touch()
+        release()
     assert [f.result(RESOLVE) for f in quick] == list(range(6))
-    assert long_call.result(RESOLVE) is None
+    assert long_call.result(RESOLVE) == (None if waits_on == "gate" else 1)
+    if waits_on == "gate":  # they all ran on the other worker
+        busy = read_pid(tmp_path / "long.pid")
+        assert busy not in {read_pid(tmp_path / f"q{i}.pid") for i in range(6)}
+
+
+@pytest.mark.parametrize("options", [{}, {"heartbeat": (1.0, 60.0)}], ids=["inline", "threaded"])
+def test_calls_taken_back_in_a_flood_each_run_exactly_once(
+    pools: Callable[..., offload.Pool], tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """Floods of tiny calls with a long one among them: the calls pipelined behind it
+    are taken back while it runs, whatever its worker is doing then, and run on the
+    other worker, queued calls or not; every call runs once (a second run would find its
+    file) and returns its own value."""
+    pool = pools(2, **options)
+    wait_ready(pool, 2)
+    for round_, long_at in enumerate([3, 200, 1400]):
+        directory = tmp_path / f"round{round_}"
+        directory.mkdir()
+        gate = tmp_path / f"gate{round_}"
+        futures = [
+            pool.submit(ph.run_once, str(directory), i, str(gate) if i == long_at else "")
+            for i in range(1500)
+        ]
+        short = [f for i, f in enumerate(futures) if i != long_at]
+        try:
+            _, not_done = cf.wait(short, timeout=RESOLVE)
+            assert not not_done, f"{len(not_done)} short calls stuck behind the long one"
+            assert not futures[long_at].done()
+        finally:
+            gate.touch()
+        assert [f.result(RESOLVE) for f in futures] == list(range(1500))
+        assert len(os.listdir(directory)) == 1500
 
 
 def test_map_over_an_infinite_iterator_reads_lazily(pools: Callable[..., offload.Pool]) -> None:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import socket
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -174,17 +176,117 @@ def test_progress_goes_to_the_report_callback_with_the_call_id() -> None:
 # -- the loop's bookkeeping (no socket: nothing here reads or writes) --------------------
 
 
-def test_the_loop_queues_calls_and_skips_cancelled_ones() -> None:
+def test_the_loop_skips_calls_cancelled_before_they_start() -> None:
     from offload.worker.loop import WorkerLoop
 
     loop = WorkerLoop(WorkerSettings(name="w", concurrency=2, heartbeat=(1.0, 5.0)))
     assert not loop.inline
-    loop.handle(_call(divmod, 7, 2, call_id=1))
-    loop.handle(p.Cancel(call_id=1))
+    loop.cancelled.add(1)  # as an inline loop notes a Cancel read with its call
     loop.handle(p.Shutdown())
     assert "w pid=" in repr(loop) and "2 threads" in repr(loop)
-    assert "3 queued, 1 cancelled" in repr(loop)  # the call and one stop per thread
-    loop.run_call(loop.queue.get())  # cancelled: skipped, nothing sent
+    assert "2 queued, 1 cancelled" in repr(loop)  # one stop per thread
+    loop.run_call(_call(divmod, 7, 2, call_id=1))  # cancelled: skipped (SKIPPED sent)
     assert not loop.cancelled
-    assert "2 queued, 0 cancelled" in repr(loop)  # the two stops
     assert WorkerLoop(WorkerSettings(name="w")).inline
+
+
+# -- calls given back while another runs (a socketpair; the test is the client) ---------
+
+_gate = threading.Event()
+_running = threading.Event()
+
+
+def _hold() -> str:
+    """A call that runs until the test opens ``_gate`` (in this process)."""
+    _running.set()
+    assert _gate.wait(30.0)
+    return "held"
+
+
+class _Client:
+    """The client's end of a worker loop's socketpair, speaking the protocol."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = p.Connection("client", name="test", pid=os.getpid())
+        self.pending: list[p.Message] = []
+        self.sock.sendall(b"".join(bytes(c) for c in self.conn.hello()))
+
+    def send(self, *msgs: p.Message) -> None:
+        self.sock.sendall(b"".join(bytes(c) for m in msgs for c in self.conn.send(m)))
+
+    def next(self, timeout: float = 10.0) -> p.Message:
+        self.sock.settimeout(timeout)
+        while not self.pending:
+            self.conn.receive_data(self.sock.recv(1 << 16))
+            self.conn.next_events(self.pending)
+            self.pending = [m for m in self.pending if not isinstance(m, p.Hello)]
+        return self.pending.pop(0)
+
+
+@pytest.mark.parametrize("mode", ["inline", "threaded"])
+def test_a_call_waiting_behind_a_running_one_is_given_back_at_once(mode: str) -> None:
+    """A Cancel of a call that waits behind a running one is answered SKIPPED while that
+    call still runs (inline: the watcher thread reads; threaded: the reader thread), and
+    the call never runs; a Cancel of a call that has started changes nothing."""
+    from offload.worker import loop as worker_loop
+
+    a, b = socket.socketpair()
+    threaded = {"concurrency": 1, "heartbeat": (1.0, 60.0)} if mode == "threaded" else {}
+    loop = worker_loop.WorkerLoop(WorkerSettings(name="w", fd=a.fileno(), **threaded))
+    assert loop.inline is (mode == "inline")
+    assert loop._watcher is None  # started with the first call that has one behind it
+
+    def gone() -> NoReturn:  # not the worker's exit: this is the test's own process
+        raise AssertionError("the worker loop saw its client go")
+
+    loop.die = gone  # type: ignore[method-assign]
+    loop.say_hello()
+    client = _Client(b)
+    _gate.clear()
+    _running.clear()
+    if loop.inline:
+        runner = threading.Thread(target=loop.inline_loop)
+    else:
+        reader = threading.Thread(target=loop.read_loop)
+        reader.start()
+        runner = threading.Thread(target=loop.execute_loop)
+    try:
+        # Both in one write: the loop has the second waiting when it starts the first.
+        client.send(_call(_hold, call_id=1), _call(divmod, 7, 2, call_id=2))
+        runner.start()
+        assert _running.wait(10.0)
+        client.send(p.Cancel(call_id=2))
+        skipped = client.next()
+        assert isinstance(skipped, p.Result) and (skipped.call_id, skipped.status) == (
+            2,
+            p.SKIPPED,
+        )
+        assert runner.is_alive() and not _gate.is_set()  # call 1 still runs
+        client.send(p.Cancel(call_id=1))  # too late: it runs on
+        _gate.set()
+        held = client.next()
+        assert isinstance(held, p.Result) and (held.call_id, held.status) == (1, p.OK)
+        assert loads(held.payload, held.buffers) == "held"
+        client.send(_call(divmod, 9, 2, call_id=3), p.Shutdown())
+        third = client.next()  # call 2 never ran: the next answer is call 3's
+        assert isinstance(third, p.Result) and third.call_id == 3
+        runner.join(10.0)
+        assert not runner.is_alive()
+        assert (loop._watcher is not None) is loop.inline
+    finally:
+        _gate.set()
+        if runner.is_alive():  # a failed assertion above: stop the loop first
+            client.send(p.Shutdown())
+            runner.join(10.0)
+        if not loop.inline:
+            loop.request_stop()  # the reader sees the end of its input, on purpose
+            reader.join(10.0)
+            assert not reader.is_alive()
+        loop._leaving = True  # the watcher thread returns
+        if loop._watcher is not None:
+            loop._watcher.join(10.0)
+        if loop._nonblocking is not None:
+            loop._nonblocking.detach()  # the loop's socket object must not close ``a``
+        a.close()
+        b.close()

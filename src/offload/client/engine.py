@@ -516,27 +516,36 @@ class Engine:
             answered = [
                 msg for msg in msgs if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
             ]  # others were resolved already (timeout, kill) or are stray ids
-            if not answered:
-                proc.flush()
-                return
-            records = self.records
-            # A withdrawn call (cancelled after it was sent ahead) has no record left:
-            # its answer only frees its place on the slot.
-            expected = [
-                (record, msg)
-                for msg in answered
-                if (record := records.pop(msg.call_id, None)) is not None
-            ]
-            self._note_drained()
-            deferred = self._apply(
-                self.scheduler.results(
-                    proc.slot,
-                    proc.gen,
-                    [(msg.call_id, msg.elapsed) for msg in answered],
-                    self.loop.clock(),
+            given_back: list[Resolve] | None = None
+            if any(msg.status == p.SKIPPED for msg in answered):
+                answered, given_back = self._take_back(proc, answered)
+            if answered:
+                records = self.records
+                # A withdrawn call (cancelled after it was sent ahead) has no record
+                # left: its answer only frees its place on the slot.
+                expected = [
+                    (record, msg)
+                    for msg in answered
+                    if (record := records.pop(msg.call_id, None)) is not None
+                ]
+                self._note_drained()
+                deferred = self._apply(
+                    self.scheduler.results(
+                        proc.slot,
+                        proc.gen,
+                        [(msg.call_id, msg.elapsed) for msg in answered],
+                        self.loop.clock(),
+                    )
                 )
-            )
+                if given_back:
+                    deferred += given_back
             self._promote(proc.slot)
+        if not answered:
+            proc.flush()
+            if given_back is not None:  # only calls given back: now on other workers
+                self._flush()
+                self._resolve(given_back)
+            return
         proc.flush()  # the calls waiting for this worker's results
         self._flush()  # and those just sent to any worker, before the results
         sinks: set[RawSink] = set()
@@ -565,6 +574,29 @@ class Engine:
         self._resolve(deferred)
         if self.options.memory_limit is not None:
             self.check_memory(proc)
+
+    def _take_back(
+        self, proc: WorkerSlot, answered: list[p.Result]
+    ) -> tuple[list[p.Result], list[Resolve] | None]:
+        """The calls of ``answered`` that ``proc`` gave back, not started, when the
+        scheduler asked for them (SKIPPED answers of calls it reclaims) go back to its
+        queue, for a worker with room. Returns the other answers, and the resolutions
+        to do once the lock is released (None if no call came back). Lock held."""
+        records = self.records
+        back = [
+            msg.call_id
+            for msg in answered
+            if msg.status == p.SKIPPED
+            and (record := records.get(msg.call_id)) is not None
+            and record.reclaiming
+        ]
+        if not back:
+            return answered, None
+        deferred = self._apply(
+            self.scheduler.reclaimed(proc.slot, proc.gen, back, self.loop.clock())
+        )
+        taken = set(back)
+        return [msg for msg in answered if msg.call_id not in taken], deferred
 
     def _on_remote_crashes(self, proc: WorkerSlot, msgs: list[p.Result]) -> list[p.Result]:
         """The calls a worker server answered with the crash of the process that ran
@@ -819,7 +851,7 @@ class Engine:
             if i >= slot.capacity:
                 break
             record = records.get(call_id)
-            if record is not None and not record.started:
+            if record is not None and not record.started and not record.reclaiming:
                 record.started = True
                 record.future._set_running()
 

@@ -20,6 +20,11 @@ Calls wait in one FIFO queue in the parent; a READY slot is sent up to
 only once half of its prefetch has run, so calls go out in batches, not one per result.
 An adaptive prefetch sends nothing ahead to a slot whose running calls have all run far
 longer than calls usually take (see ``_stalled``): the calls would wait behind them.
+Calls sent ahead before its running calls turned out long are *asked back* once they
+have, if another ready slot is not stalled (a KillCall each; ``_reclaim``): the worker
+answers SKIPPED for those it has not started, and they go back to the front of the
+queue (:meth:`Scheduler.reclaimed`), not counted as an attempt. The time at which a
+slot will have stalled is a wake-up time, so the driver's timer brings that pass.
 A worker starts the calls it receives in arrival
 order, at most ``concurrency`` at once, so the first ``concurrency`` calls *outstanding*
 on a slot are exactly the ones running: that is when their timeout clock starts, and
@@ -160,6 +165,10 @@ class CallEntry:
     # slot until the worker answers, SKIPPED or, had it started, with a result, so the
     # calls behind it stay where the worker has them (a crash then is blamed right).
     withdrawn: bool = False
+    # Sent ahead to a stalled worker and asked back (a Cancel) to run on another one:
+    # a SKIPPED answer puts it back at the front of the queue (see Scheduler.reclaimed);
+    # had it started meanwhile, its result counts as any other.
+    reclaiming: bool = False
 
 
 @record(slots=True)
@@ -241,6 +250,10 @@ class Scheduler:
         # Set when a deadline or a back-off time was added: the driver re-arms its timer.
         self.wakeup_changed = False
         self.any_failed = False  # some slot is FAILED (kept, not recomputed per submit)
+        # When a slot with calls sent ahead will have stalled, as the last scheduling
+        # pass saw it (see _reclaim): never later than it will be (events that do not
+        # schedule only make it later or moot), so a wake-up then is never late.
+        self._stall_at: float | None = None
 
     def __repr__(self) -> str:
         states = " ".join(
@@ -488,6 +501,33 @@ class Scheduler:
         self._mark_running(slot, now)
         return self._schedule(now)
 
+    def reclaimed(
+        self, slot_index: int, gen: int, call_ids: Iterable[int], now: float
+    ) -> list[Action]:
+        """The worker of ``slot``/``gen`` answered these calls SKIPPED, which it was
+        asked back (see :meth:`_reclaim`): they never ran, and go back to the front of
+        the queue, for another worker (a withdrawn one was resolved already: it goes)."""
+        slot = self.slots[slot_index]
+        if slot.gen != gen:
+            return []
+        back: list[int] = []
+        for call_id in call_ids:
+            entry = self.calls.get(call_id)
+            if entry is None or entry.slot != slot_index:
+                continue
+            try:
+                slot.outstanding.remove(call_id)
+            except ValueError:
+                pass
+            slot.sent -= 1  # it never ran here (max_tasks counts what a process ran)
+            if entry.withdrawn:
+                del self.calls[call_id]
+            else:
+                back.append(call_id)
+        self._requeue_front(back)
+        self._mark_running(slot, now)
+        return self._schedule(now)
+
     def expects(self, slot_index: int, gen: int, call_id: int) -> bool:
         """Whether a result for ``call_id`` from ``slot``/``gen`` is current."""
         entry = self.calls.get(call_id)
@@ -591,6 +631,8 @@ class Scheduler:
         times = [s.retry_at for s in self.slots if s.state is SlotState.BACKOFF]
         if self._deadlines:
             times.append(self._deadlines[0][0])
+        if self._stall_at is not None:  # as noted at the last scheduling pass
+            times.append(self._stall_at)
         return min(times) if times else None
 
     # -- queries -------------------------------------------------------------------------
@@ -659,6 +701,7 @@ class Scheduler:
             entry.slot = None
             entry.started_at = None
             entry.deadline = None
+            entry.reclaiming = False
             self.queue.appendleft(call_id)
 
     def _fail_slot(self, slot: Slot, now: float, cause: Any, outcome: Outcome) -> list[Action]:
@@ -784,6 +827,74 @@ class Scheduler:
                 return False
         return True
 
+    def _reclaim(self, now: float) -> list[Action]:
+        """Ask a worker whose running calls have all run long (see :meth:`_stalled`)
+        to give back the calls sent ahead to it (KillCall: it answers SKIPPED for those
+        it has not started, see :meth:`reclaimed`), when another ready worker is not
+        stalled: there, or wherever there is room first, they run before any call
+        queued after them. Prefetch sends calls ahead only to workers that run short
+        calls; this undoes it when one of them hits a long one.
+
+        Also notes when the next such worker will be stalled (``_stall_at``, a wake-up
+        time; ``wakeup_changed`` when it comes sooner than the one noted before).
+
+        Not with a fixed prefetch: calls are sent ahead as asked, stalled or not (they
+        would only be sent back)."""
+        if self.fixed_prefetch is not None:
+            return []
+        behind: list[Slot] = []  # slots with calls waiting behind their running ones
+        progressing = False  # a ready slot is not stalled
+        stalled: list[Slot] = []
+        for slot in self.slots:
+            if slot.state is not SlotState.READY and slot.state is not SlotState.RETIRING:
+                continue
+            is_stalled = self._stalled(slot, now)
+            if len(slot.outstanding) > slot.capacity and not slot.independent:
+                behind.append(slot)
+                if is_stalled:
+                    stalled.append(slot)
+            if slot.state is SlotState.READY and not is_stalled:
+                progressing = True
+        actions: list[Action] = []
+        at: float | None = None
+        if behind and progressing:
+            calls = self.calls
+            for slot in stalled:
+                for i, call_id in enumerate(slot.outstanding):
+                    entry = calls[call_id]
+                    if i < slot.capacity or entry.withdrawn or entry.reclaiming:
+                        continue
+                    entry.reclaiming = True
+                    actions.append(KillCall(slot.index, slot.gen, call_id))
+            at = self._stall_time(behind)
+        before = self._stall_at
+        self._stall_at = at
+        if at is not None and (before is None or at < before or before <= now):
+            self.wakeup_changed = True
+        return actions
+
+    def _stall_time(self, behind: list[Slot]) -> float | None:
+        """The earliest time at which one of the slots ``behind`` will be stalled with
+        calls waiting that were not asked back (None if there is none; a slot stalled
+        already has none: :meth:`_reclaim` asked for them all)."""
+        limit = max(STALL_SECONDS, STALL_FACTOR * (self.avg_duration or 0.0))
+        calls = self.calls
+        soonest: float | None = None
+        for slot in behind:
+            latest = 0.0  # the start of its last running call
+            for i, call_id in enumerate(slot.outstanding):
+                entry = calls[call_id]
+                if i < slot.capacity:
+                    if entry.started_at is None:
+                        break
+                    latest = max(latest, entry.started_at)
+                elif not (entry.reclaiming or entry.withdrawn):  # one to take back
+                    when = latest + limit + 1e-3  # just past the limit (see _stalled)
+                    if soonest is None or when < soonest:
+                        soonest = when
+                    break
+        return soonest
+
     def _schedule(self, now: float, *, eager: bool = True) -> list[Action]:
         """Send queued calls to ready slots; start, stop and retire processes.
 
@@ -796,7 +907,9 @@ class Scheduler:
                 if slot.state is not SlotState.READY:
                     break
             else:
-                return []  # every slot is busy or idle and nothing waits: nothing to do
+                # Every slot is busy or idle and nothing waits: nothing to send, but
+                # calls waiting behind a long one may be taken back for another worker.
+                return self._reclaim(now) if len(self.slots) > 1 else []
         actions: list[Action] = []
         sends: dict[int, list[int]] = {}
         limits: list[int] = []
@@ -852,6 +965,8 @@ class Scheduler:
             slot = self.slots[index]
             self._mark_running(slot, now)
             actions.append(SendCalls(index, slot.gen, tuple(call_ids)))
+        if len(self.slots) > 1:
+            actions += self._reclaim(now)
         # Calls that slots already starting will take do not need another process.
         demand = len(self.queue) - sum(
             s.capacity for s in self.slots if s.state in (SlotState.STARTING, SlotState.BACKOFF)

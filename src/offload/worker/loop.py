@@ -13,7 +13,10 @@ stderr are separate, so nothing a task prints can corrupt the channel.
    its :class:`Hello`.
 2. Calls run one at a time on the main thread, which also reads the socket, when
    nothing must be answered while a call runs (``concurrency=1``, no heartbeat): calls
-   that arrive meanwhile wait in the socket buffer. Otherwise a reader thread decodes
+   that arrive meanwhile wait in the socket buffer, until a watcher thread reads them
+   once the call has run long, to answer a Cancel of a call waiting behind it at once
+   (:meth:`WorkerLoop.watch`: the client takes such calls back for another worker).
+   Otherwise a reader thread decodes
    frames: ``Call`` messages go to a FIFO queue that ``concurrency`` executor threads
    drain (the main thread is one of them, so tasks that install signal handlers work),
    and ``Ping`` is answered at once by the reader.
@@ -70,6 +73,12 @@ _CHANNEL_MESSAGES = (p.ChannelData, p.ChannelCredit, p.ChannelClose)
 # Calls that waited behind others this long (seconds) are checked for a Cancel that
 # arrived meanwhile before they start (see WorkerLoop.inline_loop).
 CANCEL_CHECK = 0.001
+# While a call runs longer than this (seconds), an inline worker that has run a call
+# (or has calls sent ahead) reads its socket this often on another thread, so that a
+# call the client takes back (to run it on an idle worker) is answered SKIPPED at once,
+# not after the long call (see WorkerLoop.watch).
+WATCH_PERIOD = 0.02
+WATCH_IDLE = 0.25  # the longest it sleeps while no call runs (backing off from 0.02)
 
 
 class WorkerLoop:
@@ -103,10 +112,19 @@ class WorkerLoop:
             self._receive_into = receive_into
         self.queue: SimpleQueue[Any] = SimpleQueue()
         self.cancelled: set[int] = set()
+        # Threaded mode: the calls in ``queue`` that no executor has taken yet, and
+        # those of them answered SKIPPED already (a Cancel; the executor drops them).
+        self._claim_lock = _thread.allocate_lock()
+        self._untaken: set[int] = set()
+        self._skipped: set[int] = set()
         # Inline mode: messages read and not handled yet (read between calls, or by a
         # call's channel end waiting for its items: see pump_channels).
         self.deferred: deque[p.Message] = deque()
+        # Inline mode: held by whoever reads the socket or takes from ``deferred`` (the
+        # loop, a call's channel end, the watcher).
         self._pump_lock = _thread.allocate_lock()
+        self._call_started = 0.0  # inline: when the running call started (0.0: none)
+        self._watcher: Any = None  # inline: the watcher thread, once started (see watch)
         # Adopted orphans' zombies, when this worker is a subreaper (see run_worker).
         self.reaper: lifeline.OrphanReaper | None = None
         self._nonblocking: Any = None  # see read_ready
@@ -186,15 +204,7 @@ class WorkerLoop:
             ready, _, _ = select.select([self.fd], [], [], timeout)
             if not ready:
                 return
-            batch = self.read_batch()
-        ends = self.execution.ends
-        for msg in batch:
-            if type(msg) in _CHANNEL_MESSAGES:
-                ends.route(msg)
-                continue
-            if isinstance(msg, p.Cancel):
-                self.cancelled.add(msg.call_id)
-            self.deferred.append(msg)
+            self._take_in(self.read_batch())
 
     def _write_shared(self, chunks: list[Any]) -> None:
         """:meth:`_write` of a frame that begins with descriptors of shared memory."""
@@ -361,24 +371,93 @@ class WorkerLoop:
         names. (Not before each call: a pipeline of tiny calls would pay a system call
         per call, about 7% of its throughput, for a window of a millisecond.)"""
         pending = self.deferred
+        lock = self._pump_lock
         read_at = 0.0
         while True:
-            if not pending:
-                pending.extend(self._noting_cancels(self.read_batch()))
-                read_at = monotonic()
-            msg = pending.popleft()
+            with lock:  # the watcher may take a call back from ``pending`` meanwhile
+                if not pending:
+                    pending.extend(self._noting_cancels(self.read_batch()))
+                    read_at = monotonic()
+                msg = pending.popleft()
+                if isinstance(msg, p.Call):
+                    self._call_started = monotonic()
+                    behind = bool(pending)
             if isinstance(msg, p.Call):
+                if behind and self._watcher is None:  # calls are sent ahead already
+                    self._start_watcher()
                 # Each result goes back as soon as it is ready: holding it to share a
                 # write with the next call's would make it wait for that call, however
                 # long it runs.
                 self.run_call(msg)
+                self._call_started = 0.0
+                if self._watcher is None:  # after the first result, not before it
+                    self._start_watcher()
                 if pending and monotonic() - read_at > CANCEL_CHECK:
-                    pending.extend(self._noting_cancels(self.read_ready()))
+                    with lock:
+                        pending.extend(self._noting_cancels(self.read_ready()))
                     read_at = monotonic()
             elif isinstance(msg, p.Shutdown):
                 return
             else:
                 self.handle(msg)
+
+    def _start_watcher(self) -> None:
+        import threading
+
+        self._watcher = threading.Thread(
+            target=self.watch, name="offload-worker-watch", daemon=True
+        )
+        self._watcher.start()
+
+    def watch(self) -> None:
+        """Inline mode, on a thread of its own from the first call on: while a call
+        has run for WATCH_PERIOD, read what arrived every WATCH_PERIOD seconds. A Cancel
+        of a call still waiting in :attr:`deferred` takes it out and answers SKIPPED now
+        (the client may then run it on another worker); channel messages go to their
+        ends; everything else waits in :attr:`deferred` for the loop, in order. While
+        no call runs it wakes less and less often, down to once every WATCH_IDLE."""
+        from time import sleep
+
+        lock = self._pump_lock
+        pause = WATCH_PERIOD
+        while not self._leaving:
+            sleep(pause)
+            started = self._call_started
+            if not started:
+                pause = min(2 * pause, WATCH_IDLE)
+                continue
+            pause = WATCH_PERIOD
+            if monotonic() - started < WATCH_PERIOD:
+                continue
+            if not lock.acquire(False):  # the loop or a channel end is reading
+                continue
+            try:
+                if self._call_started == started:  # still the same call
+                    self._take_in(self.read_ready())
+            finally:
+                lock.release()
+
+    def _take_in(self, batch: list[p.Message]) -> None:
+        """Messages read while a call runs (inline mode, the pump lock held; see
+        :meth:`watch` and :meth:`pump_channels`): channel messages go to their ends, a
+        Cancel of a call waiting in :attr:`deferred` takes it out and is answered
+        SKIPPED now, and the rest waits in :attr:`deferred` for the loop, in order."""
+        pending = self.deferred
+        for msg in batch:
+            if type(msg) in _CHANNEL_MESSAGES:
+                ends = self.execution.ends
+                if ends is not None:  # else no call here ever had a channel end
+                    ends.route(msg)
+            elif isinstance(msg, p.Cancel):
+                for i, waiting in enumerate(pending):
+                    if isinstance(waiting, p.Call) and waiting.call_id == msg.call_id:
+                        del pending[i]
+                        self.send(p.Result(call_id=msg.call_id, status=p.SKIPPED))
+                        break
+                else:  # started already (its result follows), or unknown
+                    pending.append(msg)
+            else:
+                pending.append(msg)
 
     def _noting_cancels(self, batch: list[p.Message]) -> list[p.Message]:
         """``batch``, after noting its Cancels (one read with its call must win)."""
@@ -440,11 +519,19 @@ class WorkerLoop:
         """Act on one message from the client (threaded mode: on the reader thread)."""
         match msg:
             case p.Call():
+                with self._claim_lock:
+                    self._untaken.add(msg.call_id)
                 self.queue.put(msg)
             case p.Ping(seq=seq):
                 self.send(p.Pong(seq=seq))
             case p.Cancel(call_id=call_id):
-                self.cancelled.add(call_id)
+                with self._claim_lock:
+                    waiting = call_id in self._untaken
+                    if waiting:  # no executor has it: answered now, dropped when taken
+                        self._untaken.discard(call_id)
+                        self._skipped.add(call_id)
+                if waiting:
+                    self.send(p.Result(call_id=call_id, status=p.SKIPPED))
             case p.Shutdown():
                 for _ in range(self.concurrency):  # one per executor thread, behind the calls
                     self.queue.put(_STOP)
@@ -465,6 +552,12 @@ class WorkerLoop:
             call = self.queue.get()
             if call is _STOP:
                 return
+            with self._claim_lock:
+                call_id = call.call_id
+                if call_id in self._skipped:  # answered SKIPPED when it was cancelled
+                    self._skipped.discard(call_id)
+                    continue
+                self._untaken.discard(call_id)
             self.run_call(call)
 
     def run_call(self, call: p.Call) -> None:
