@@ -516,9 +516,7 @@ class Engine:
             answered = [
                 msg for msg in msgs if self.scheduler.expects(proc.slot, proc.gen, msg.call_id)
             ]  # others were resolved already (timeout, kill) or are stray ids
-            given_back: list[Resolve] | None = None
-            if any(msg.status == p.SKIPPED for msg in answered):
-                answered, given_back = self._take_back(proc, answered)
+            answered, given_back = self._take_back(proc, answered)
             if answered:
                 records = self.records
                 # A withdrawn call (cancelled after it was sent ahead) has no record

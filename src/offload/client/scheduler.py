@@ -839,8 +839,8 @@ class Scheduler:
         time; ``wakeup_changed`` when it comes sooner than the one noted before).
 
         Not with a fixed prefetch: calls are sent ahead as asked, stalled or not (they
-        would only be sent back)."""
-        if self.fixed_prefetch is not None:
+        would only be sent back); nor with one slot (there is nowhere else to run them)."""
+        if self.fixed_prefetch is not None or len(self.slots) == 1:
             return []
         behind: list[Slot] = []  # slots with calls waiting behind their running ones
         progressing = False  # a ready slot is not stalled
@@ -909,7 +909,7 @@ class Scheduler:
             else:
                 # Every slot is busy or idle and nothing waits: nothing to send, but
                 # calls waiting behind a long one may be taken back for another worker.
-                return self._reclaim(now) if len(self.slots) > 1 else []
+                return self._reclaim(now)
         actions: list[Action] = []
         sends: dict[int, list[int]] = {}
         limits: list[int] = []
@@ -965,8 +965,7 @@ class Scheduler:
             slot = self.slots[index]
             self._mark_running(slot, now)
             actions.append(SendCalls(index, slot.gen, tuple(call_ids)))
-        if len(self.slots) > 1:
-            actions += self._reclaim(now)
+        actions += self._reclaim(now)
         # Calls that slots already starting will take do not need another process.
         demand = len(self.queue) - sum(
             s.capacity for s in self.slots if s.state in (SlotState.STARTING, SlotState.BACKOFF)
